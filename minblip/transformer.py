@@ -1,0 +1,133 @@
+"""Transformer blocks built from the layers: pre-norm (ViT) and post-norm (BERT)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .attention import MultiHeadAttention
+from .core import Module
+from .layers import GELU, Dropout, LayerNorm, Linear
+
+
+class FeedForward(Module):
+    """fc2(GELU(fc1(x))): (..., d) -> (..., d_ff) -> (..., d).
+
+    BERT calls fc1 ``intermediate.dense`` and fc2 ``output.dense``; the ViT
+    calls them ``mlp.fc1`` and ``mlp.fc2``.
+    """
+
+    def __init__(self, d: int, d_ff: int, rng: np.random.Generator, init_std: float = 0.02,
+                 gelu: str = "none"):
+        self.fc1 = Linear(d, d_ff, rng, init_std=init_std)
+        self.act = GELU(gelu)
+        self.fc2 = Linear(d_ff, d, rng, init_std=init_std)
+
+    def forward(self, x):
+        h, c1 = self.fc1.forward(x)  # (..., d) @ (d, d_ff) -> (..., d_ff)
+        a, c2 = self.act.forward(h)
+        y, c3 = self.fc2.forward(a)  # (..., d_ff) @ (d_ff, d) -> (..., d)
+        return y, (c1, c2, c3)
+
+    def backward(self, dy, cache):
+        c1, c2, c3 = cache
+        da = self.fc2.backward(dy, c3)  # undoes y = fc2(a)
+        dh = self.act.backward(da, c2)  # undoes a = GELU(h)
+        return self.fc1.backward(dh, c1)  # undoes h = fc1(x)
+
+
+class PreNormBlock(Module):
+    """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``):
+
+        x = x + Attn(LN1(x))
+        x = x + FFN(LN2(x))
+    """
+
+    def __init__(self, d: int, n_heads: int, d_ff: int, rng: np.random.Generator,
+                 eps: float = 1e-6, dropout: float = 0.0, init_std: float = 0.02):
+        self.ln1 = LayerNorm(d, eps)
+        self.attn = MultiHeadAttention(d, n_heads, rng, dropout=dropout, init_std=init_std)
+        self.ln2 = LayerNorm(d, eps)
+        self.mlp = FeedForward(d, d_ff, rng, init_std=init_std)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x, mask=None, rng=None):
+        """x (B, T, d), mask broadcastable to (B, T, T) -> (B, T, d)."""
+        h, c_ln1 = self.ln1.forward(x)
+        a, c_attn = self.attn.forward(h, mask=mask, rng=rng)
+        a, c_d1 = self.drop.forward(a, rng)
+        x1 = x + a
+        h2, c_ln2 = self.ln2.forward(x1)
+        f, c_mlp = self.mlp.forward(h2)
+        f, c_d2 = self.drop.forward(f, rng)
+        return x1 + f, (c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2)
+
+    def backward(self, dy, cache):
+        c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2 = cache
+        df = self.drop.backward(dy, c_d2)
+        dx1 = dy + self.ln2.backward(self.mlp.backward(df, c_mlp), c_ln2)  # undoes x1 + FFN(LN2(x1))
+        da = self.drop.backward(dx1, c_d1)
+        dh, _ = self.attn.backward(da, c_attn)
+        return dx1 + self.ln1.backward(dh, c_ln1)  # undoes x + Attn(LN1(x))
+
+
+class PostNormBlock(Module):
+    """The BERT layer with optional cross-attention (salesforce/BLIP ``med.py``
+    ``BertLayer``):
+
+        h = LN_sa(x + SelfAttn(x))
+        h = LN_ca(h + CrossAttn(h, context))      if context is given
+        y = LN_ffn(h + FFN(h))
+
+    The three sub-blocks are separate attributes so a decoder can share some of
+    them with an encoder by holding the same module objects.
+    """
+
+    def __init__(self, d: int, n_heads: int, d_ff: int, rng: np.random.Generator,
+                 eps: float = 1e-12, dropout: float = 0.0, cross_attention: bool = False,
+                 d_context: int | None = None, init_std: float = 0.02):
+        self.self_attn = MultiHeadAttention(d, n_heads, rng, dropout=dropout, init_std=init_std)
+        self.self_attn_ln = LayerNorm(d, eps)
+        self.cross_attn = None
+        self.cross_attn_ln = None
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(d, n_heads, rng, d_context=d_context,
+                                                 dropout=dropout, init_std=init_std)
+            self.cross_attn_ln = LayerNorm(d, eps)
+        self.ffn = FeedForward(d, d_ff, rng, init_std=init_std)
+        self.ffn_ln = LayerNorm(d, eps)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x, mask=None, context=None, context_mask=None, rng=None, past_kv=None):
+        """x (B, T, d); mask broadcastable to (B, T, T [+ past]); context (B, S, d_context)
+        or None to skip cross-attention; context_mask broadcastable to (B, T, S).
+        Returns y (B, T, d) and the cache (its ``"present"`` holds this layer's
+        self-attention keys and values, for generation)."""
+        a, c_sa = self.self_attn.forward(x, mask=mask, rng=rng, past_kv=past_kv)
+        a, c_d1 = self.drop.forward(a, rng)
+        h, c_ln1 = self.self_attn_ln.forward(x + a)
+        c_ca = c_d2 = c_ln2 = None
+        if context is not None:
+            if self.cross_attn is None:
+                raise ValueError("this block was built without cross-attention, "
+                                 "but a context was given")
+            ca, c_ca = self.cross_attn.forward(h, context, mask=context_mask, rng=rng)
+            ca, c_d2 = self.drop.forward(ca, rng)
+            h, c_ln2 = self.cross_attn_ln.forward(h + ca)
+        f, c_ffn = self.ffn.forward(h)
+        f, c_d3 = self.drop.forward(f, rng)
+        y, c_ln3 = self.ffn_ln.forward(h + f)
+        cache = (c_sa, c_d1, c_ln1, c_ca, c_d2, c_ln2, c_ffn, c_d3, c_ln3)
+        return y, {"parts": cache, "present": c_sa["present"]}
+
+    def backward(self, dy, cache):
+        """dy (B, T, d) -> (dx, dcontext); dcontext is None without cross-attention."""
+        c_sa, c_d1, c_ln1, c_ca, c_d2, c_ln2, c_ffn, c_d3, c_ln3 = cache["parts"]
+        ds = self.ffn_ln.backward(dy, c_ln3)  # undoes y = LN(h + f)
+        dh = ds + self.ffn.backward(self.drop.backward(ds, c_d3), c_ffn)
+        dcontext = None
+        if c_ca is not None:
+            ds = self.cross_attn_ln.backward(dh, c_ln2)  # undoes h = LN(h0 + CrossAttn(h0))
+            dh0, dcontext = self.cross_attn.backward(self.drop.backward(ds, c_d2), c_ca)
+            dh = ds + dh0
+        ds = self.self_attn_ln.backward(dh, c_ln1)  # undoes h0 = LN(x + SelfAttn(x))
+        dx, _ = self.self_attn.backward(self.drop.backward(ds, c_d1), c_sa)
+        return ds + dx, dcontext
