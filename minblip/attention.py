@@ -4,8 +4,9 @@ Masks are boolean arrays broadcastable to (B, Tq, Tk): ``True`` means "query i
 may attend to key j". A masked score is set to -inf before the softmax, so a
 masked key gets exactly zero weight. BERT instead adds -10000 to masked scores;
 exp(-10000) underflows to 0 in float32 and float64, so the two agree except on a
-row whose every key is masked: BERT then spreads the weight uniformly over the
-masked keys, while minblip returns all-zero weights (and a zero output), never NaN.
+row whose every key is masked. There BERT's softmax sees every score shifted by
+the same -10000, which changes nothing, so the row attends as if unmasked; plain
+-inf would give 0/0 = NaN; minblip returns all-zero weights (and a zero output).
 """
 from __future__ import annotations
 
@@ -170,7 +171,13 @@ class MultiHeadAttention(Module):
             k = np.concatenate([past_kv[0], k], axis=2)
             v = np.concatenate([past_kv[1], v], axis=2)
         if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
+            mask = np.asarray(mask)
+            if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
+                # a float mask is most likely BERT's additive 0 / -10000, which
+                # astype(bool) would silently invert
+                raise TypeError(f"attention mask: expected a boolean array (True = may "
+                                f"attend), got dtype {mask.dtype}")
+            mask = mask.astype(bool)
             want = (B, T, k.shape[2])
             try:
                 np.broadcast_shapes(mask.shape, want)
