@@ -96,20 +96,25 @@ class PostNormBlock(Module):
         self.ffn_ln = LayerNorm(d, eps)
         self.drop = Dropout(dropout)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, rng=None, past_kv=None):
+    def forward(self, x, mask=None, context=None, context_mask=None, rng=None, past_kv=None,
+                context_kv=None):
         """x (B, T, d); mask broadcastable to (B, T, T [+ past]); context (B, S, d_context)
         or None to skip cross-attention; context_mask broadcastable to (B, T, S).
+        For generation only: ``context_kv`` = the cross-attention (k, v) of the
+        context, already projected (``cross_attn.project_kv``), used instead of
+        ``context`` (a constant for ``backward``).
         Returns y (B, T, d) and the cache (its ``"present"`` holds this layer's
         self-attention keys and values, for generation)."""
         a, c_sa = self.self_attn.forward(x, mask=mask, rng=rng, past_kv=past_kv)
         a, c_d1 = self.drop.forward(a, rng)
         h, c_ln1 = self.self_attn_ln.forward(x + a)
         c_ca = c_d2 = c_ln2 = None
-        if context is not None:
+        if context is not None or context_kv is not None:
             if self.cross_attn is None:
                 raise ValueError("this block was built without cross-attention, "
                                  "but a context was given")
-            ca, c_ca = self.cross_attn.forward(h, context, mask=context_mask, rng=rng)
+            ca, c_ca = self.cross_attn.forward(h, context, mask=context_mask, rng=rng,
+                                               context_kv=context_kv)
             ca, c_d2 = self.drop.forward(ca, rng)
             h, c_ln2 = self.cross_attn_ln.forward(h + ca)
         f, c_ffn = self.ffn.forward(h)

@@ -1,0 +1,213 @@
+"""Caption generation from the image-grounded decoder: greedy, beam search and
+nucleus sampling, with cached keys and values.
+
+salesforce/BLIP ``models/blip.py`` ``BLIP_Decoder.generate`` starts from the
+prompt "[DEC] a picture of" and calls Hugging Face ``generate``: beam search
+(3 beams, min and max length counted with the prompt) or nucleus sampling
+(top-p 0.9, repetition penalty hard-coded to 1.1), stopping at [SEP]. The
+logit processors below follow HF's ``MinLengthLogitsProcessor``,
+``RepetitionPenaltyLogitsProcessor`` and ``TopPLogitsWarper``.
+
+With ``use_cache=True`` each step feeds only the newest token and reuses the
+self-attention keys and values of earlier positions, and the image's
+cross-attention keys and values are projected once. ``use_cache=False``
+recomputes the whole prefix every step; both give the same tokens and scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .softmax import log_softmax, softmax
+
+METHODS = ("greedy", "beam", "nucleus")
+
+
+@dataclass
+class Generation:
+    tokens: list           # per image: generated ids (1-d, without prompt and [SEP])
+    scores: np.ndarray     # per image: sum of log-probabilities (greedy, nucleus) or beam score
+
+
+class _Stepper:
+    """Runs the decoder on a growing sequence, with or without the cache."""
+
+    def __init__(self, decoder, image_embeds, use_cache: bool):
+        self.decoder, self.use_cache = decoder, use_cache
+        self.image_embeds = image_embeds
+        self.image_kv = decoder.bert.image_kv(image_embeds)
+        self.past = None
+
+    def next_logits(self, seqs):
+        """seqs (N, t) full sequences so far -> logits (N, V) for the next token."""
+        if not self.use_cache:
+            logits, _ = self.decoder.forward_incremental(seqs, None, self.image_kv, 0)
+            return logits[:, -1]
+        start = 0 if self.past is None else self.past[0][0].shape[2]
+        logits, self.past = self.decoder.forward_incremental(
+            seqs[:, start:], self.past, self.image_kv, start)
+        return logits[:, -1]
+
+    def reorder(self, index):
+        """Keep rows ``index`` (beam search): the cache follows its beams."""
+        self.image_kv = [(k[index], v[index]) for k, v in self.image_kv]
+        if self.past is not None:
+            self.past = [(k[index], v[index]) for k, v in self.past]
+
+
+def apply_repetition_penalty(logits, seqs, penalty: float):
+    """HF RepetitionPenaltyLogitsProcessor: a token already in the sequence has its
+    logit divided by ``penalty`` if positive, multiplied if negative."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    rows = np.repeat(np.arange(seqs.shape[0]), seqs.shape[1])
+    cols = seqs.reshape(-1)
+    seen = logits[rows, cols]
+    logits[rows, cols] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_p_filter(logits, top_p: float):
+    """HF TopPLogitsWarper: keep the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (at least one); the rest get -inf."""
+    order = np.argsort(logits, axis=-1)  # ascending
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    cum = np.cumsum(softmax(sorted_logits), axis=-1)
+    remove_sorted = cum <= 1.0 - top_p
+    remove_sorted[:, -1] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def _check(image_embeds, prompt_ids, max_length, min_length, method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if image_embeds.ndim != 3:
+        raise ValueError(f"image_embeds: expected (B, S, D), got shape {image_embeds.shape}")
+    prompt_ids = np.asarray(prompt_ids)
+    if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+        raise ValueError(f"prompt_ids: expected a non-empty 1-d array, got shape {prompt_ids.shape}")
+    if not prompt_ids.size < max_length:
+        raise ValueError(f"max_length ({max_length}) counts the prompt and must exceed its "
+                         f"{prompt_ids.size} tokens")
+    if min_length > max_length:
+        raise ValueError(f"min_length {min_length} > max_length {max_length}")
+    return prompt_ids
+
+
+def generate(decoder, image_embeds, prompt_ids, *, sep_id: int, method: str = "beam",
+             max_length: int = 20, min_length: int = 5, num_beams: int = 3,
+             top_p: float = 0.9, repetition_penalty: float | None = None,
+             rng: np.random.Generator | None = None, use_cache: bool = True) -> Generation:
+    """Generate one caption per image.
+
+    decoder: a ``minblip.text.TextDecoder``; image_embeds (B, S, Dv) from the ViT;
+    prompt_ids (Tp,) e.g. the ids of "[DEC] a picture of" (no [SEP]).
+    ``max_length``/``min_length`` count the prompt, as BLIP's do. The
+    repetition penalty defaults to 1.1 for nucleus sampling (BLIP hard-codes it)
+    and 1.0 otherwise. Nucleus sampling needs ``rng``.
+    """
+    prompt_ids = _check(image_embeds, prompt_ids, max_length, min_length, method)
+    if repetition_penalty is None:
+        repetition_penalty = 1.1 if method == "nucleus" else 1.0
+    if method == "nucleus" and rng is None:
+        raise ValueError("nucleus sampling needs an explicit rng")
+    if method == "beam":
+        outs = [_beam_search(decoder, image_embeds[b:b + 1], prompt_ids, sep_id, max_length,
+                             min_length, num_beams, repetition_penalty, use_cache)
+                for b in range(image_embeds.shape[0])]
+        return Generation([o[0] for o in outs], np.array([o[1] for o in outs]))
+    return _sample(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length,
+                   method == "nucleus", top_p, repetition_penalty, rng, use_cache)
+
+
+def _sample(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length, nucleus,
+            top_p, penalty, rng, use_cache):
+    """Greedy decoding or nucleus sampling for a batch; finished rows are frozen."""
+    B = image_embeds.shape[0]
+    seqs = np.tile(prompt_ids, (B, 1))
+    scores = np.zeros(B)
+    done = np.zeros(B, dtype=bool)
+    stepper = _Stepper(decoder, image_embeds, use_cache)
+    while seqs.shape[1] < max_length and not done.all():
+        logits = stepper.next_logits(seqs).astype(np.float64)
+        logits = apply_repetition_penalty(logits, seqs, penalty)
+        if seqs.shape[1] < min_length:  # MinLengthLogitsProcessor: no [SEP] yet
+            logits[:, sep_id] = -np.inf
+        if nucleus:
+            logits = top_p_filter(logits, top_p)
+        logp = log_softmax(logits)
+        if nucleus:
+            cum = np.cumsum(np.exp(logp), axis=1)
+            u = rng.random(B)[:, None] * cum[:, -1:]
+            nxt = np.minimum(np.sum(cum <= u, axis=1), logits.shape[1] - 1)
+        else:
+            nxt = np.argmax(logp, axis=1)
+        nxt = np.where(done, sep_id, nxt)
+        scores += np.where(done, 0.0, logp[np.arange(B), nxt])
+        seqs = np.concatenate([seqs, nxt[:, None]], axis=1)
+        done |= nxt == sep_id
+    tokens = []
+    for row in seqs[:, prompt_ids.size:]:
+        end = np.flatnonzero(row == sep_id)
+        tokens.append(row[:end[0]] if end.size else row)
+    return Generation(tokens, scores)
+
+
+def _beam_search(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length,
+                 num_beams, penalty, use_cache):
+    """Beam search for one image, following HF ``BeamSearchScorer`` with
+    length_penalty 1: a finished hypothesis scores sum(log p) / length (length
+    with the prompt); the search stops when ``num_beams`` hypotheses are finished
+    and no live beam can beat the worst of them, or at ``max_length``."""
+    embeds = np.repeat(image_embeds, num_beams, axis=0)
+    seqs = np.tile(prompt_ids, (num_beams, 1))
+    beam_scores = np.full(num_beams, -np.inf)
+    beam_scores[0] = 0.0  # all beams start equal: keep one so the first step does not repeat
+    stepper = _Stepper(decoder, embeds, use_cache)
+    finished: list[tuple[float, np.ndarray]] = []
+    while seqs.shape[1] < max_length:
+        logits = stepper.next_logits(seqs).astype(np.float64)
+        logits = apply_repetition_penalty(logits, seqs, penalty)
+        if seqs.shape[1] < min_length:
+            logits[:, sep_id] = -np.inf
+        V = logits.shape[1]
+        cand = (beam_scores[:, None] + log_softmax(logits)).reshape(-1)  # (beams * V,)
+        top = np.argsort(-cand, kind="stable")[:2 * num_beams]
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for flat in top:
+            row, token, score = flat // V, flat % V, cand[flat]
+            if not np.isfinite(score):
+                break
+            if token == sep_id:
+                length = seqs.shape[1] + 1
+                finished.append((score / length, seqs[row, prompt_ids.size:].copy()))
+            else:
+                keep_rows.append(row), keep_tokens.append(token), keep_scores.append(score)
+            if len(keep_rows) == num_beams:
+                break
+        finished.sort(key=lambda f: -f[0])
+        finished = finished[:num_beams]
+        if not keep_rows:
+            break
+        index = np.array(keep_rows)
+        seqs = np.concatenate([seqs[index], np.array(keep_tokens)[:, None]], axis=1)
+        beam_scores = np.array(keep_scores)
+        stepper.reorder(index)
+        if len(keep_rows) < num_beams:  # pad with dead beams so shapes stay fixed
+            pad = num_beams - len(keep_rows)
+            seqs = np.concatenate([seqs, np.repeat(seqs[:1], pad, axis=0)])
+            beam_scores = np.concatenate([beam_scores, np.full(pad, -np.inf)])
+            stepper.reorder(np.concatenate([np.arange(len(keep_rows)), np.zeros(pad, int)]))
+        if len(finished) == num_beams and beam_scores.max() / seqs.shape[1] < finished[-1][0]:
+            break
+    if len(finished) < num_beams:  # unfinished beams at max_length count as hypotheses
+        for s, row in zip(beam_scores, seqs):
+            if np.isfinite(s):
+                finished.append((s / seqs.shape[1], row[prompt_ids.size:].copy()))
+        finished.sort(key=lambda f: -f[0])
+    score, tokens = finished[0]
+    return tokens, score
