@@ -1,0 +1,248 @@
+"""Command line: ``python -m minblip {demo,train,eval,caption,retrieve} ...``.
+
+``demo`` is the main job: it generates the built-in data, pretrains a tiny BLIP
+on it, evaluates it and writes a report folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEMO_LONG_STEPS = 6000
+
+
+def _train_options(p: argparse.ArgumentParser, steps_default: int | None) -> None:
+    from .train import TrainConfig
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=steps_default or d.steps,
+                   help="optimiser steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="image-caption pairs per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warmup steps (default: {d.warmup_steps} or a tenth of the "
+                        f"steps, whichever is fewer)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the data, the initialisation and the sampling (default %(default)s)")
+    p.add_argument("--n-train", type=int, default=d.n_train,
+                   help="training images in the generated world (default %(default)s)")
+    p.add_argument("--n-test", type=int, default=d.n_test,
+                   help="held-out test pairs, all different scenes (default %(default)s)")
+    p.add_argument("--width", type=int, default=d.width,
+                   help="width of the ViT and the text transformer (default %(default)s)")
+    p.add_argument("--depth", type=int, default=d.depth, help="layers in each (default %(default)s)")
+    p.add_argument("--sharing", default=d.sharing,
+                   choices=["all_but_self_attention", "all", "none"],
+                   help="what the text encoder and decoder share (default %(default)s)")
+
+
+def _config_from(args):
+    from .train import TrainConfig
+    warmup = args.warmup_steps
+    if warmup is None:
+        warmup = min(TrainConfig.warmup_steps, args.steps // 10)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       warmup_steps=warmup,
+                       n_train=args.n_train, n_test=args.n_test, width=args.width,
+                       depth=args.depth, sharing=args.sharing)
+
+
+def _print_table(metrics: dict) -> None:
+    rows = [("image-to-text recall@1", "i2t_recall@1"), ("text-to-image recall@1", "t2i_recall@1"),
+            ("image-to-text recall@5", "i2t_recall@5"), ("text-to-image recall@5", "t2i_recall@5"),
+            ("ITM accuracy (balanced)", "itm_accuracy"),
+            ("ITM accuracy on hard negatives", "itm_hard_negative_accuracy"),
+            ("caption attribute accuracy", "caption_attribute_accuracy"),
+            ("caption exact match", "caption_exact_match")]
+    comp = metrics.get("compositional", {})
+    print(f"\n{'measure':<34} {'test':>8} {'compositional':>14}")
+    for label, key in rows:
+        c = f"{comp[key]:.3f}" if key in comp else "-"
+        print(f"{label:<34} {metrics[key]:>8.3f} {c:>14}")
+    print(f"{'training time (s)':<34} {metrics['train_seconds']:>8.1f}")
+
+
+def run_report(trainer, out: Path) -> dict:
+    """Evaluate a trained model on the test and compositional splits and write
+    the report folder (plots, captions, metrics.json)."""
+    from . import report
+    from .evaluate import evaluate_split, retrieval_scores
+    from .image import denormalize, preprocess
+
+    model, tok, cfg, data = trainer.model, trainer.tokenizer, trainer.cfg, trainer.dataset
+    start = time.perf_counter()
+    metrics, captions = evaluate_split(model, tok, data.test, cfg.image_size, seed=cfg.seed)
+    comp, comp_captions = evaluate_split(model, tok, data.compositional, cfg.image_size,
+                                         seed=cfg.seed)
+    metrics["compositional"] = comp
+    metrics["train_seconds"] = trainer.train_seconds
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["steps"] = trainer.step
+    metrics["parameters"] = model.param_count()
+    metrics["config"] = cfg.to_dict()
+    report.write_json(out / "metrics.json", metrics)
+    with open(out / "captions.jsonl", "w") as f:
+        for split, caps in ((data.test, captions), (data.compositional, comp_captions)):
+            for scene, truth, gen in zip(split.scenes, split.captions, caps):
+                f.write(json.dumps({"split": split.name, "generated": gen, "truth": truth,
+                                    "scene": scene.to_dict()}) + "\n")
+
+    pixels = preprocess(data.test.images, cfg.image_size)
+    images = denormalize(pixels)
+    n = min(16, len(images))
+    sim, _, t2i = retrieval_scores(model, tok, pixels[:n], data.test.captions[:n])
+    report.plot_losses(trainer.history, out / "loss_curves.png")
+    report.plot_similarity(sim, out / "similarity_matrix.png", n=n)
+    report.plot_retrieval(images, data.test.captions, t2i, out / "retrieval_examples.png",
+                          n_queries=min(4, n))
+    report.plot_captions(images, captions, data.test.captions, out / "captions.png")
+    sal = report.itm_patch_saliency(model, tok, pixels[:6], data.test.captions[:6])
+    report.plot_itm_heatmaps(images, data.test.captions, sal, out / "itm_heatmap.png")
+    return metrics
+
+
+def cmd_demo(args) -> int:
+    from .train import Trainer
+    cfg = _config_from(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"minblip demo: {cfg.steps} steps of batch {cfg.batch_size} on {cfg.n_train} "
+          f"generated images; report in {out}/")
+    trainer = Trainer(cfg)
+    print(f"model: {trainer.model.param_count():,} parameters")
+    trainer.run(progress=not args.quiet, checkpoint_path=out / "checkpoint.npz")
+    metrics = run_report(trainer, out)
+    _print_table(metrics)
+    print(f"\nwrote {out}/metrics.json, plots and checkpoint.npz")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.npz"
+    if args.resume:
+        trainer = Trainer.resume(ckpt)
+        print(f"resuming {ckpt} at step {trainer.step} of {trainer.cfg.steps}")
+    else:
+        trainer = Trainer(_config_from(args))
+    trainer.run(progress=not args.quiet, checkpoint_path=ckpt)
+    print(f"saved {ckpt} (step {trainer.step}, {trainer.train_seconds:.1f} s of training)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import report
+    from .evaluate import evaluate_split
+    from .train import build_dataset, load_model
+    model, tok, cfg = load_model(args.checkpoint)
+    data = build_dataset(cfg)
+    split = getattr(data, args.split)
+    metrics, _ = evaluate_split(model, tok, split, cfg.image_size, seed=cfg.seed)
+    for key, value in metrics.items():
+        print(f"{key:<36} {value:.4f}" if isinstance(value, float) else f"{key:<36} {value}")
+    if args.out:
+        report.write_json(args.out, metrics)
+    return 0
+
+
+def _load_images(paths, image_size):
+    from .image import preprocess
+    return preprocess([str(p) for p in paths], image_size)
+
+
+def cmd_caption(args) -> int:
+    from .evaluate import caption_images
+    from .train import load_model
+    model, tok, cfg = load_model(args.checkpoint)
+    pixels = _load_images(args.images, cfg.image_size)
+    rng = np.random.default_rng(args.seed)
+    captions = caption_images(model, tok, pixels, method=args.method, prompt=args.prompt, rng=rng)
+    for path, caption in zip(args.images, captions):
+        print(f"{path}: {caption}")
+    return 0
+
+
+def cmd_retrieve(args) -> int:
+    from .evaluate import image_features, itm_match_logits, text_features
+    from .train import load_model
+    model, tok, cfg = load_model(args.checkpoint)
+    pixels = _load_images(args.images, cfg.image_size)
+    ids, mask = tok.encode([args.text], max_length=cfg.max_text_len)
+    embeds, image_feat = image_features(model, pixels)
+    sim = (image_feat @ text_features(model, ids, mask).T)[:, 0]
+    n = len(args.images)
+    itm = itm_match_logits(model, tok, embeds, np.repeat(ids, n, 0), np.repeat(mask, n, 0))
+    score = itm[:, 1] + sim  # BLIP's retrieval score: ITM match logit + ITC similarity
+    print(f"images ranked for: {args.text!r}")
+    for rank, i in enumerate(np.argsort(-score)[:args.top], 1):
+        print(f"{rank:>3}. {args.images[i]}  score {score[i]:.3f} (ITC {sim[i]:.3f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minblip",
+        description="BLIP from scratch in NumPy: pretrain, evaluate and use a tiny model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate data, pretrain a tiny BLIP, evaluate, write a report",
+                       description="The main job: generate the built-in world, pretrain a tiny "
+                                   "BLIP (ITC + ITM + LM) on it, evaluate retrieval, matching and "
+                                   "captioning on held-out scenes, and write a report folder.")
+    _train_options(p, None)
+    p.add_argument("--long", action="store_true",
+                   help=f"train {DEMO_LONG_STEPS} steps instead (about three times longer)")
+    p.add_argument("--out", default="runs/demo", help="report folder (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="pretrain and save a checkpoint (resumable)")
+    _train_options(p, None)
+    p.add_argument("--out", required=True, help="folder for checkpoint.npz")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split of the built-in world")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test", choices=["val", "test", "compositional"])
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("caption", help="caption image files with a checkpoint")
+    p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--method", default="beam", choices=["beam", "greedy", "nucleus"])
+    p.add_argument("--prompt", default="", help="text the caption must start with")
+    p.add_argument("--seed", type=int, default=0, help="seed for nucleus sampling")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("retrieve", help="rank image files for a text query")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--text", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=cmd_retrieve)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "long", False):
+        args.steps = DEMO_LONG_STEPS
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The report folder of a run: plots, captions and ``metrics.json``."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .blip import BLIP
+from .tokenizer import Tokenizer
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def smooth(values, window: int = 25):
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def plot_losses(history, path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("itc", "itm", "lm"):
+        values = smooth(getattr(history, name))
+        ax.plot(np.arange(len(values)), values, label=name.upper())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average over 25 steps)")
+    ax.set_title("BLIP pretraining losses")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_similarity(sim, path, n: int = 16) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    im = ax.imshow(sim[:n, :n], cmap="viridis")
+    ax.set_xlabel("caption")
+    ax.set_ylabel("image")
+    ax.set_title(f"ITC cosine similarity, first {n} test pairs")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_retrieval(images, captions, t2i_scores, path, n_queries: int = 4, top: int = 3) -> None:
+    """For a few caption queries, the top images by re-ranked score (green = right)."""
+    plt = _plt()
+    fig, axes = plt.subplots(n_queries, top, figsize=(2.2 * top + 3.2, 2.3 * n_queries))
+    for q in range(n_queries):
+        order = np.argsort(-t2i_scores[q])[:top]
+        for r, i in enumerate(order):
+            ax = axes[q, r]
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = "green" if i == q else "red"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            ax.set_title(f"rank {r + 1}", fontsize=8)
+        axes[q, 0].set_ylabel("\n".join(_wrap(captions[q], 22)), fontsize=7, rotation=0,
+                              ha="right", va="center", labelpad=8)
+    fig.suptitle("text-to-image retrieval (green: the right image)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def plot_captions(images, generated, truth, path, n: int = 12) -> None:
+    plt = _plt()
+    cols = 4
+    rows = (min(n, len(images)) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows))
+    for k, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if k >= min(n, len(images)):
+            continue
+        ax.imshow(images[k], interpolation="nearest")
+        ax.set_title("\n".join(_wrap("model: " + generated[k], 30) + _wrap("truth: " + truth[k], 30)),
+                     fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def itm_patch_saliency(model: BLIP, tokenizer: Tokenizer, pixels, captions, max_length: int = 30):
+    """How much each image patch moves the ITM match logit.
+
+    For each (image, caption) pair: the gradient of the match-minus-no-match
+    logit with respect to the image tokens the text cross-attends to, its norm
+    per patch, on the patch grid. Returns (N, grid, grid). Uses the model's
+    backward; the model's gradients are zeroed afterwards.
+    """
+    ids, mask = tokenizer.encode(captions, max_length=max_length)
+    enc_ids = ids.copy()
+    enc_ids[:, 0] = tokenizer.enc_id
+    embeds, _ = model.visual_encoder.forward(pixels)
+    h, cache = model.text_encoder.forward(enc_ids, mask, embeds)
+    logits, c_head = model.itm_head.forward(h[:, 0])
+    dlogits = np.zeros_like(logits)
+    dlogits[:, 1], dlogits[:, 0] = 1.0, -1.0
+    dh = np.zeros_like(h)
+    dh[:, 0] = model.itm_head.backward(dlogits, c_head)
+    d_embeds = model.text_encoder.backward(dh, cache)
+    model.zero_grad()
+    grid = model.cfg.vision.grid
+    sal = np.linalg.norm(d_embeds[:, 1:], axis=-1)  # drop [CLS]
+    return sal.reshape(len(captions), grid, grid)
+
+
+def plot_itm_heatmaps(images, captions, saliency, path, n: int = 6) -> None:
+    plt = _plt()
+    n = min(n, len(images))
+    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.2))
+    size = images.shape[1]
+    for k in range(n):
+        axes[0, k].imshow(images[k], interpolation="nearest")
+        axes[0, k].set_title("\n".join(_wrap(captions[k], 24)), fontsize=7)
+        axes[1, k].imshow(images[k], interpolation="nearest")
+        axes[1, k].imshow(saliency[k], cmap="inferno", alpha=0.6, interpolation="bilinear",
+                          extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        for ax in axes[:, k]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[1, 0].set_ylabel("ITM gradient\nper patch", fontsize=8)
+    fig.suptitle("which patches the image-text matching score depends on")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
