@@ -90,9 +90,12 @@ def _named(params) -> list[tuple[str, Param]]:
         return params.named_params()
     if isinstance(params, dict):
         items = list(params.items())
+    elif isinstance(params, (list, tuple)):
+        items = [tuple(p) if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                 else (f"param{i}", p) for i, p in enumerate(params)]
     else:
-        items = [(f"param{i}", p) if isinstance(p, Param) else tuple(p)
-                 for i, p in enumerate(params)]
+        raise TypeError(f"gradcheck: expected a Module, a dict name -> Param or a list of "
+                        f"Params, got {type(params).__name__}")
     seen, out = set(), []
     for name, p in items:
         if not isinstance(p, Param):

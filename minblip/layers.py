@@ -147,15 +147,21 @@ _ERF_CENTRES, _ERF_COEF = _erf_taylor_table()
 def erf(x):
     """The error function of a float array, accurate to about 1 ulp (float64)."""
     x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):  # integers would truncate t and the table
+        x = x.astype(np.float64)
     ax = np.abs(x)
-    k = np.minimum((ax * (1.0 / _ERF_WIDTH)).astype(np.intp), _ERF_CENTRES.size - 1)
-    t = (ax - _ERF_CENTRES[k]).astype(x.dtype, copy=False)
+    # Clip before the integer cast (inf or |x| > 2^63 would cast to garbage and
+    # overflow the polynomial); np.minimum keeps NaN, and fmin sends it to the last
+    # interval, where t stays NaN and so does the result.
+    axc = np.minimum(ax, _ERF_XMAX)
+    k = np.fmin(axc * (1.0 / _ERF_WIDTH), _ERF_CENTRES.size - 1).astype(np.intp)
+    t = (axc - _ERF_CENTRES[k]).astype(x.dtype, copy=False)
     coef = _ERF_COEF.astype(x.dtype)
     y = coef[_ERF_DEGREE][k]
     for j in range(_ERF_DEGREE - 1, -1, -1):  # Horner
         y *= t
         y += coef[j][k]
-    y[ax >= _ERF_XMAX] = 1.0
+    y = np.where(ax >= _ERF_XMAX, 1.0, y)  # np.where, not y[...] =: x may be 0-d
     return np.copysign(y, x)
 
 
