@@ -210,9 +210,18 @@ def test_erf_edge_inputs():
         out = erf(np.array([np.inf, -np.inf, 1e300, -1e19, np.nan]))
     np.testing.assert_array_equal(out[:4], [1.0, -1.0, 1.0, -1.0])
     assert np.isnan(out[4])
-    x32 = np.linspace(-4, 4, 101, dtype=np.float32)
-    assert erf(x32).dtype == np.float32
-    np.testing.assert_allclose(erf(x32), [math.erf(v) for v in x32], atol=3e-7)
+
+
+def test_erf_float32_is_accurate_to_float32_resolution():
+    x32 = np.linspace(-10, 10, 200_001, dtype=np.float32)
+    y = erf(x32)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, [math.erf(v) for v in x32.astype(np.float64)], atol=6e-7)
+    assert np.all(y == -erf(-x32))
+    with np.errstate(all="raise"):
+        out = erf(np.array([np.inf, -np.inf, 1e30, np.nan], dtype=np.float32))
+    np.testing.assert_array_equal(out[:3], [1.0, -1.0, 1.0])
+    assert np.isnan(out[3])
 
 
 def test_gelu_exact_matches_math_erf_elementwise():
