@@ -158,11 +158,29 @@ def _load_images(paths, image_size):
 
 
 def cmd_caption(args) -> int:
+    rng = np.random.default_rng(args.seed)
+    if args.from_pretrained:
+        # a Hugging Face BlipForConditionalGeneration folder, read by minblip.hf
+        from . import hf
+        from .generation import generate
+        from .wordpiece import WordPieceTokenizer
+        folder = Path(args.from_pretrained)
+        model = hf.load_blip_captioning(folder)
+        tok = WordPieceTokenizer.from_file(folder / "vocab.txt")
+        pixels = _load_images(args.images, model.cfg.vision.image_size)
+        prompt, sep = hf.caption_token_ids(model, tok.encode(args.prompt)[0][0]
+                                           if args.prompt else None)
+        max_length = min(20, model.cfg.text.max_positions)  # BLIP's COCO setting: 20 / 5
+        for path, image in zip(args.images, pixels):
+            embeds, _ = model.visual_encoder.forward(image[None])
+            out = generate(model.text_decoder, embeds, prompt, sep_id=sep, method=args.method,
+                           max_length=max_length, min_length=min(5, max_length), rng=rng)
+            print(f"{path}: {tok.decode(out.tokens[0])}")
+        return 0
     from .evaluate import caption_images
     from .train import load_model
     model, tok, cfg = load_model(args.checkpoint)
     pixels = _load_images(args.images, cfg.image_size)
-    rng = np.random.default_rng(args.seed)
     captions = caption_images(model, tok, pixels, method=args.method, prompt=args.prompt, rng=rng)
     for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}")
@@ -218,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption image files with a checkpoint")
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
+    source.add_argument("--from-pretrained", metavar="DIR",
+                        help="a Hugging Face BlipForConditionalGeneration folder: config.json, "
+                             "model.safetensors, vocab.txt")
     p.add_argument("--method", default="beam", choices=["beam", "greedy", "nucleus"])
     p.add_argument("--prompt", default="", help="text the caption must start with")
     p.add_argument("--seed", type=int, default=0, help="seed for nucleus sampling")

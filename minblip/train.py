@@ -170,12 +170,12 @@ class Trainer:
     def train_step(self) -> dict:
         images, ids, mask = self.sample_batch()
         tok = self.tokenizer
-        self.model.zero_grad()
+        self.optimizer.zero_grad()  # the optimiser's list of Params: no tree walk per step
         self.model.clamp_temperature()
         result = pretrain_step(self.model, images, ids, mask, cls_id=tok.cls_id,
                                enc_id=tok.enc_id, dec_id=tok.dec_id, rng=self.step_rng,
                                weights=self.cfg.loss_weights)
-        grad_norm = clip_grad_norm(self.model, self.cfg.grad_clip)
+        grad_norm = clip_grad_norm(self.optimizer.params, self.cfg.grad_clip)
         lr = self.lr_at(self.step)
         self.optimizer.step(lr=lr)
         self.history.append(self.step, result.losses, lr, grad_norm)
