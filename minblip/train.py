@@ -141,13 +141,37 @@ class Trainer:
     (one for batches and captions, one for the model's negatives and dropout),
     so a run can be saved and resumed exactly."""
 
-    def __init__(self, cfg: TrainConfig, dataset: world.WorldDataset | None = None):
+    def __init__(self, cfg: TrainConfig, dataset: world.WorldDataset | None = None,
+                 train_images=None, train_captions=None, model: BLIP | None = None):
+        """By default the training data is the world's train split, with a fresh
+        caption drawn for every image at every step. To train on fixed data
+        instead (a noisy web set, CapFilt's bootstrapped set), pass
+        ``train_images`` uint8 (N, H, W, 3) and ``train_captions``: N lists of
+        captions (an image whose list is empty is never drawn). ``model``
+        starts from given weights (fine-tuning) instead of a fresh init.
+        """
         self.cfg = cfg
         self.tokenizer = build_tokenizer()
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
-        self.train_pixels = preprocess(self.dataset.train.images, cfg.image_size)
+        if (train_images is None) != (train_captions is None):
+            raise ValueError("pass train_images and train_captions together")
+        if train_images is None:
+            train_images = self.dataset.train.images
+            self.train_captions = None
+            self.drawable = np.arange(len(train_images))
+        else:
+            if len(train_captions) != len(train_images):
+                raise ValueError(f"train_captions: expected one list per image "
+                                 f"({len(train_images)}), got {len(train_captions)}")
+            self.train_captions = [list(c) for c in train_captions]
+            self.drawable = np.flatnonzero([len(c) > 0 for c in self.train_captions])
+        if len(self.drawable) < cfg.batch_size:
+            raise ValueError(f"only {len(self.drawable)} training images have a caption, "
+                             f"fewer than batch_size {cfg.batch_size}")
+        self.train_pixels = preprocess(train_images, cfg.image_size)
         model_rng = np.random.default_rng([cfg.seed, 1])
-        self.model = BLIP(cfg.model_config(self.tokenizer.vocab_size), model_rng)
+        self.model = model if model is not None else BLIP(
+            cfg.model_config(self.tokenizer.vocab_size), model_rng)
         self.optimizer = AdamW(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.data_rng = np.random.default_rng([cfg.seed, 2])
         self.step_rng = np.random.default_rng([cfg.seed, 3])
@@ -160,10 +184,16 @@ class Trainer:
                                 min_lr=self.cfg.min_lr)
 
     def sample_batch(self):
-        """B distinct training images, each with a freshly drawn caption."""
-        split = self.dataset.train
-        idx = self.data_rng.choice(len(split), self.cfg.batch_size, replace=False)
-        captions = [world.describe(split.scenes[i], self.data_rng) for i in idx]
+        """B distinct training images, each with one caption: freshly drawn from
+        its scene, or picked from its given captions. Distinct images keep
+        ITC from treating another caption of the same image as a negative."""
+        idx = self.data_rng.choice(self.drawable, self.cfg.batch_size, replace=False)
+        if self.train_captions is None:
+            scenes = self.dataset.train.scenes
+            captions = [world.describe(scenes[i], self.data_rng) for i in idx]
+        else:
+            captions = [c[self.data_rng.integers(len(c))]
+                        for c in (self.train_captions[i] for i in idx)]
         ids, mask = self.tokenizer.encode(captions, max_length=self.cfg.max_text_len)
         return self.train_pixels[idx], ids, mask
 
@@ -220,8 +250,8 @@ class Trainer:
 
     @classmethod
     def resume(cls, path, cfg: TrainConfig | None = None) -> "Trainer":
-        """Rebuild a run from its checkpoint; training on gives the same
-        parameters as a run that was never interrupted."""
+        """Rebuild a run on the default world data from its checkpoint; training
+        on gives the same parameters as a run that was never interrupted."""
         stored = peek_config(path)
         cfg = cfg or TrainConfig.from_dict(stored)
         trainer = cls(cfg)

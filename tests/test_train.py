@@ -94,3 +94,22 @@ def test_demo_command_writes_a_report(tmp_path, capsys):
     assert main(["caption", str(out / "captions.png"), "--checkpoint",
                  str(out / "checkpoint.npz")]) == 0
     assert main(["eval", "--checkpoint", str(out / "missing.npz")]) == 2
+
+
+def test_training_on_given_captions_draws_only_captioned_images():
+    cfg = TrainConfig(**{**TINY, "steps": 3, "warmup_steps": 0})
+    data = world.make_dataset(cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.seed,
+                              image_size=cfg.image_size, max_objects=cfg.max_objects)
+    captions = [[c] if i % 2 == 0 else [] for i, c in enumerate(data.train.captions)]
+    trainer = Trainer(cfg, dataset=data, train_images=data.train.images,
+                      train_captions=captions)
+    for _ in range(5):
+        pixels, ids, mask = trainer.sample_batch()
+        got = set(trainer.tokenizer.batch_decode(ids))
+        assert got <= {c[0] for c in captions if c}
+    trainer.run(progress=False)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        Trainer(cfg, dataset=data, train_images=data.train.images,
+                train_captions=[[] for _ in captions])
+    with pytest.raises(ValueError, match="one list per image"):
+        Trainer(cfg, dataset=data, train_images=data.train.images, train_captions=captions[:3])
