@@ -71,15 +71,19 @@ def apply_repetition_penalty(logits, seqs, penalty: float):
 
 def top_p_filter(logits, top_p: float):
     """HF TopPLogitsWarper: keep the smallest set of most likely tokens whose
-    probability reaches ``top_p`` (at least one); the rest get -inf."""
+    probability reaches ``top_p`` (at least one); the rest get -inf.
+
+    logits (N, V) -> (N, V). Exercise 7.1 (notebooks/07_lm_and_decoding)."""
+    ### BEGIN SOLUTION
     order = np.argsort(logits, axis=-1)  # ascending
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
     cum = np.cumsum(softmax(sorted_logits), axis=-1)
-    remove_sorted = cum <= 1.0 - top_p
-    remove_sorted[:, -1] = False
+    remove_sorted = cum <= 1.0 - top_p  # the unlikely tail whose total mass is at most 1 - top_p
+    remove_sorted[:, -1] = False  # the most likely token always stays
     remove = np.zeros_like(remove_sorted)
-    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)  # back to vocabulary order
     return np.where(remove, -np.inf, logits)
+    ### END SOLUTION
 
 
 def _check(image_embeds, prompt_ids, max_length, min_length, method):
@@ -159,55 +163,56 @@ def _sample(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length, n
 
 def _beam_search(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length,
                  num_beams, penalty, use_cache):
-    """Beam search for one image, following HF ``BeamSearchScorer`` with
-    length_penalty 1: a finished hypothesis scores sum(log p) / length (length
-    with the prompt); the search stops when ``num_beams`` hypotheses are finished
-    and no live beam can beat the worst of them, or at ``max_length``."""
+    """Beam search for one image, following Hugging Face transformers 5
+    ``GenerationMixin._beam_search`` with length_penalty 1 and early_stopping False:
+
+    * scores are sums of log-probabilities; the min-length block and the
+      repetition penalty act on the log-probabilities (no renormalisation);
+    * of the 2 * num_beams best candidates, those among the first num_beams that
+      end ([SEP], or reaching max_length) become hypotheses scored
+      sum(log p) / (generated tokens, [SEP] included); the best num_beams
+      candidates that do not end live on;
+    * the search stops when num_beams hypotheses exist and the best live beam,
+      normalised the same way, cannot beat the worst of them.
+
+    (transformers 4.15, which salesforce/BLIP pinned, divided by the full length
+    with the prompt and without [SEP]; the chosen captions rarely differ.)
+    """
+    P = prompt_ids.size
     embeds = np.repeat(image_embeds, num_beams, axis=0)
     seqs = np.tile(prompt_ids, (num_beams, 1))
-    beam_scores = np.full(num_beams, -np.inf)
-    beam_scores[0] = 0.0  # all beams start equal: keep one so the first step does not repeat
+    live = np.full(num_beams, -1e9)
+    live[0] = 0.0  # all beams start equal: keep one so the first step does not repeat
     stepper = _Stepper(decoder, embeds, use_cache)
-    finished: list[tuple[float, np.ndarray]] = []
+    finished: list[tuple[float, np.ndarray]] = []  # (score, tokens after the prompt)
+    improvable = True
     while seqs.shape[1] < max_length:
-        logits = stepper.next_logits(seqs).astype(np.float64)
-        logits = apply_repetition_penalty(logits, seqs, penalty)
-        if seqs.shape[1] < min_length:
-            logits[:, sep_id] = -np.inf
-        V = logits.shape[1]
-        cand = (beam_scores[:, None] + log_softmax(logits)).reshape(-1)  # (beams * V,)
+        length = seqs.shape[1]
+        logp = log_softmax(stepper.next_logits(seqs).astype(np.float64))
+        logp = apply_repetition_penalty(logp, seqs, penalty)
+        if length < min_length:
+            logp[:, sep_id] = -np.inf
+        V = logp.shape[1]
+        cand = (live[:, None] + logp).reshape(-1)  # (beams * V,)
         top = np.argsort(-cand, kind="stable")[:2 * num_beams]
-        keep_rows, keep_tokens, keep_scores = [], [], []
-        for flat in top:
-            row, token, score = flat // V, flat % V, cand[flat]
-            if not np.isfinite(score):
-                break
-            if token == sep_id:
-                length = seqs.shape[1] + 1
-                finished.append((score / length, seqs[row, prompt_ids.size:].copy()))
-            else:
-                keep_rows.append(row), keep_tokens.append(token), keep_scores.append(score)
-            if len(keep_rows) == num_beams:
-                break
-        finished.sort(key=lambda f: -f[0])
-        finished = finished[:num_beams]
-        if not keep_rows:
+        rows, tokens, scores = top // V, top % V, cand[top]
+        ends = (tokens == sep_id) | (length + 1 >= max_length)
+        if improvable:
+            for r in range(num_beams):
+                if ends[r] and np.isfinite(scores[r]):
+                    generated = seqs[rows[r], P:]
+                    if tokens[r] != sep_id:  # cut at max_length: the last token counts
+                        generated = np.append(generated, tokens[r])
+                    finished.append((scores[r] / (length + 1 - P), generated))
+            finished.sort(key=lambda f: -f[0])
+            finished = finished[:num_beams]
+        keep = np.argsort(-(scores - 1e9 * ends), kind="stable")[:num_beams]
+        seqs = np.concatenate([seqs[rows[keep]], tokens[keep][:, None]], axis=1)
+        live = scores[keep] - 1e9 * ends[keep]
+        stepper.reorder(rows[keep])
+        if len(finished) == num_beams:
+            improvable = improvable and live[0] / (seqs.shape[1] - P) > finished[-1][0]
+        if not improvable or ends.all():
             break
-        index = np.array(keep_rows)
-        seqs = np.concatenate([seqs[index], np.array(keep_tokens)[:, None]], axis=1)
-        beam_scores = np.array(keep_scores)
-        stepper.reorder(index)
-        if len(keep_rows) < num_beams:  # pad with dead beams so shapes stay fixed
-            pad = num_beams - len(keep_rows)
-            seqs = np.concatenate([seqs, np.repeat(seqs[:1], pad, axis=0)])
-            beam_scores = np.concatenate([beam_scores, np.full(pad, -np.inf)])
-            stepper.reorder(np.concatenate([np.arange(len(keep_rows)), np.zeros(pad, int)]))
-        if len(finished) == num_beams and beam_scores.max() / seqs.shape[1] < finished[-1][0]:
-            break
-    if len(finished) < num_beams:  # unfinished beams at max_length count as hypotheses
-        for s, row in zip(beam_scores, seqs):
-            if np.isfinite(s):
-                finished.append((s / seqs.shape[1], row[prompt_ids.size:].copy()))
-        finished.sort(key=lambda f: -f[0])
     score, tokens = finished[0]
     return tokens, score

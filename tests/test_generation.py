@@ -92,7 +92,7 @@ def test_beam_score_is_the_length_normalised_log_probability_of_its_tokens(sep_b
         logits, _ = decoder.forward(seq[None, :-1], mask, embeds[b:b + 1])
         logp = logits[0] - np.log(np.exp(logits[0]).sum(-1, keepdims=True))
         total = sum(logp[t, seq[t + 1]] for t in range(PROMPT.size - 1, seq.size - 1))
-        assert score == pytest.approx(total / seq.size, rel=1e-9)
+        assert score == pytest.approx(total / (seq.size - PROMPT.size), rel=1e-9)
     assert finished == (3 if sep_bias else 0)
 
 
