@@ -47,16 +47,16 @@ class TrainConfig:
     heads: int = 4
     mlp_ratio: int = 4
     embed_dim: int = 32
-    init_std: float = 0.02
+    init_std: float = 0.05  # 0.02 (BERT's) leaves ITC flat for hundreds of steps here
     dropout: float = 0.0
     sharing: str = "all_but_self_attention"
     label_smoothing: float = 0.1
     # optimisation
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     loss_weights: tuple = (1.0, 1.0, 1.0)
