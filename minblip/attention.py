@@ -69,7 +69,12 @@ class ScaledDotProductAttention(Module):
         return out, (q, k, v, p, p_drop, c_drop, scale)
 
     def backward(self, dout, cache):
-        """dout (B, H, Tq, dh) -> (dq, dk, dv)."""
+        """dout (B, H, Tq, dh) -> (dq, dk, dv).
+
+        ``cache`` is (q, k, v, p, p_drop, c_drop, scale): the inputs, the weights P
+        (B, H, Tq, Tk) (exactly 0 at masked keys), P after dropout, the dropout's
+        cache and 1/sqrt(dh). Exercise 2.1 (notebooks/02_attention)."""
+        ### BEGIN SOLUTION
         q, k, v, p, p_drop, c_drop, scale = cache
         dv = p_drop.swapaxes(-1, -2) @ dout  # undoes out = P V
         dp = self.dropout.backward(dout @ v.swapaxes(-1, -2), c_drop)
@@ -78,6 +83,7 @@ class ScaledDotProductAttention(Module):
         dq = dscores @ k  # undoes Q K^T
         dk = dscores.swapaxes(-1, -2) @ q
         return dq, dk, dv
+        ### END SOLUTION
 
 
 def split_heads(x, n_heads: int):

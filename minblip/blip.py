@@ -124,10 +124,16 @@ def itc_forward(image_feat, text_feat, temp: Param, image_bank=None, text_bank=N
     replace the one-hot targets (positives are column b of row b in both layouts).
 
     loss = (CE(image_feat @ text_all.T / temp) + CE(text_feat @ image_all.T / temp)) / 2
+
+    Returns (loss, cache): ``cache["sim_i2t"]`` and ``cache["sim_t2i"]`` are the
+    logits (B, K) divided by temp (``pretrain_step`` samples the ITM negatives from
+    them); ``cache["loss"]`` holds whatever :func:`itc_backward` needs. Exercise 5.1
+    (notebooks/05_itc).
     """
     B = image_feat.shape[0]
     if text_feat.shape[0] != B:
         raise ValueError(f"ITC: {B} images but {text_feat.shape[0]} texts")
+    ### BEGIN SOLUTION
     text_all = text_feat if text_bank is None else text_bank
     image_all = image_feat if image_bank is None else image_bank
     t = temp.data
@@ -141,10 +147,13 @@ def itc_forward(image_feat, text_feat, temp: Param, image_bank=None, text_bank=N
     cache = (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
              text_bank is None, image_bank is None)
     return loss, {"loss": cache, "sim_i2t": sim_i2t / t, "sim_t2i": sim_t2i / t}
+    ### END SOLUTION
 
 
 def itc_backward(dloss: float, cache, temp: Param):
-    """-> (d image_feat (B, E), d text_feat (B, E)); adds d temp into temp.grad."""
+    """-> (d image_feat (B, E), d text_feat (B, E)); adds d temp into temp.grad.
+    Exercise 5.1 (notebooks/05_itc)."""
+    ### BEGIN SOLUTION
     (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
      text_online, image_online) = cache["loss"]
     ce = CrossEntropyLoss()
@@ -159,6 +168,7 @@ def itc_backward(dloss: float, cache, temp: Param):
     if image_online:
         d_image += dsim_t2i.T @ text_feat
     return d_image, d_text
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,11 +178,16 @@ def itc_backward(dloss: float, cache, temp: Param):
 def hard_negative_weights(sim):
     """BLIP's sampling weights: softmax over the in-batch similarities (already
     divided by temp) + 1e-4, with the diagonal (the positive) set to zero
-    *after* the softmax (blip_pretrain.py, ``weights_t2i.fill_diagonal_(0)``)."""
+    *after* the softmax (blip_pretrain.py, ``weights_t2i.fill_diagonal_(0)``).
+
+    sim (B, K >= B) -> weights (B, B) in float64. Exercise 6.1
+    (notebooks/06_itm_hard_negatives)."""
+    ### BEGIN SOLUTION
     B = sim.shape[0]
     w = softmax(sim[:, :B].astype(np.float64)) + 1e-4
     np.fill_diagonal(w, 0.0)
     return w
+    ### END SOLUTION
 
 
 def sample_hard_negatives(sim_i2t, sim_t2i, rng: np.random.Generator):
@@ -315,7 +330,10 @@ def pretrain_step(model: BLIP, images, ids, mask, *, cls_id: int, enc_id: int, d
         dh_neg = np.zeros_like(h_neg)
         dh_neg[:, 0] = dvl[B:]  # only the [ENC] position feeds the head
         d_neg_images = model.text_encoder.backward(dh_neg, c_neg)
+        # undoes neg_images[:B] = image_embeds[neg_image_idx] (Exercise 6.1)
+        ### BEGIN SOLUTION
         np.add.at(d_image_embeds, neg_image_idx, d_neg_images[:B])  # an image can be picked twice
+        ### END SOLUTION
         d_image_embeds += d_neg_images[B:]
         dh_pos = np.zeros_like(h_pos)
         dh_pos[:, 0] = dvl[:B]

@@ -95,6 +95,11 @@ class LayerNorm(Module):
         return xhat * self.gamma.data + self.beta.data, (xhat, rstd)
 
     def backward(self, dy, cache):
+        """dy (..., dim) -> dx (..., dim); adds into gamma.grad and beta.grad.
+
+        ``cache`` is (xhat (..., dim), rstd (..., 1)) from the forward. Exercise 1.2
+        (notebooks/01_backprop_and_gradcheck)."""
+        ### BEGIN SOLUTION
         xhat, rstd = cache
         lead = tuple(range(dy.ndim - 1))
         self.gamma.grad += np.sum(dy * xhat, axis=lead)  # undoes * gamma (broadcast over rows)
@@ -104,6 +109,7 @@ class LayerNorm(Module):
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         return rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
                        - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+        ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------

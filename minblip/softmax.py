@@ -114,12 +114,19 @@ class CrossEntropyLoss(Module):
         return float(loss), (logp, dist, valid, scale, logits.shape)
 
     def backward(self, dloss, cache):
-        """dloss: scalar -> dlogits (..., K)."""
+        """dloss: scalar -> dlogits (..., K).
+
+        ``cache`` is (logp (N, K) log-probabilities, dist (N, K) the target
+        distribution per row (smoothed; all zero on an ignored row), valid (N,),
+        scale = 1 / number of kept rows, the logits' shape). Exercise 1.1
+        (notebooks/01_backprop_and_gradcheck)."""
+        ### BEGIN SOLUTION
         logp, dist, valid, scale, shape = cache
         # d/dz of -sum_k t_k log softmax(z)_k is softmax(z) * sum_k t_k - t
         row_mass = dist.sum(axis=-1, keepdims=True)
         dlogits = (np.exp(logp) * row_mass - dist) * (scale * dloss)
         return dlogits.reshape(shape)
+        ### END SOLUTION
 
 
 class L2Normalize(Module):

@@ -428,11 +428,13 @@ def build_med(cfg: TextConfig, rng: np.random.Generator,
     if sharing == "all":
         return encoder, TextDecoder(cfg, rng, bert=encoder)
     bert = TextTransformer(cfg, rng)
-    if sharing == "all_but_self_attention":
+    if sharing == "all_but_self_attention":  # Exercise 8.1 (notebooks/08_med_pretraining_step)
+        ### BEGIN SOLUTION
         bert.embeddings = encoder.embeddings
         for enc_layer, dec_layer in zip(encoder.layers, bert.layers):
             for name in ("cross_attn", "cross_attn_ln", "ffn", "ffn_ln"):
                 setattr(dec_layer, name, getattr(enc_layer, name))
+        ### END SOLUTION
     return encoder, TextDecoder(cfg, rng, bert=bert)
 
 

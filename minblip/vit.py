@@ -87,7 +87,7 @@ def patchify(images, patch_size: int):
     Patches are numbered row-major over the grid (index = row * W/p + col), as
     timm's ``flatten(2).transpose(1, 2)`` numbers the conv's output positions.
     Inside a patch the pixels are flattened in (c, kh, kw) order, the layout of
-    a PyTorch conv weight (D, C, kh, kw).
+    a PyTorch conv weight (D, C, kh, kw). Exercise 3.1 (notebooks/03_vit_patch_embedding).
     """
     if images.ndim != 4:
         raise ValueError(f"patchify: expected images (B, C, H, W), got shape {images.shape}")
@@ -96,10 +96,12 @@ def patchify(images, patch_size: int):
     if H % p or W % p:
         raise ValueError(f"patchify: patch_size {p} must divide the image height and width, "
                          f"got images of shape {images.shape}")
+    ### BEGIN SOLUTION
     gh, gw = H // p, W // p
     x = images.reshape(B, C, gh, p, gw, p)  # each spatial axis -> (grid, within patch)
     x = x.transpose(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p): grid first, then (c, kh, kw)
     return x.reshape(B, gh * gw, C * p * p)
+    ### END SOLUTION
 
 
 def unpatchify(patches, patch_size: int, height: int, width: int):

@@ -532,3 +532,101 @@ except GradcheckError as err:
 # 4. **The size of the loss.** Re-run the float64 sweep of section 4 with a constant
 #    $10^4$ added to the loss (the gradient does not change). Where does the bottom of
 #    the V move, and why does only the rounding side of the V rise?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one — in the package
+# or in the cell below its description — is replaced by a stub that raises
+# `NotImplementedError`; the check cell after it passes once your code is right. Run
+# `python -m minblip.exercises check 1.1,1.2,1.3` for the same checks with pytest.
+#
+# ### Exercise 1.1 · Softmax cross-entropy backward
+#
+# **Goal.** Write `CrossEntropyLoss.backward` in `minblip/softmax.py`.
+#
+# **Hints.** Section 3 derives $\bar z = \bar L\,(p \sum_k t_k - t)/N$. The cache holds
+# `logp`, so $p$ is `np.exp(logp)`; `dist` is the target distribution $t$ per row,
+# already smoothed and all zero on an ignored row, and `scale` is $1/N$ with $N$ the
+# number of kept rows. Do not forget the upstream gradient `dloss`, and give the result
+# the logits' original shape.
+
+# %% nbgrader={"grade": true, "grade_id": "ex1_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(20)
+z = rng.standard_normal((2, 3, 6))
+print(check_layer(CrossEntropyLoss(label_smoothing=0.1), z, np.array([[1, 4, -100], [0, 5, 5]])))
+soft = 0.8 * softmax(rng.standard_normal((4, 6)))  # soft targets whose rows sum to 0.8
+print(check_layer(CrossEntropyLoss(), rng.standard_normal((4, 6)), soft, wrt=[0]))
+
+# %% [markdown]
+# ### Exercise 1.2 · LayerNorm backward
+#
+# **Goal.** Write `LayerNorm.backward` in `minblip/layers.py`.
+#
+# **Hints.** The forward caches $\hat x$ and $r = 1/\sqrt{\mathrm{var} + \epsilon}$ (shape
+# `(..., 1)`). Undo $y = \hat x\gamma + \beta$ first: $\bar\gamma$ and $\bar\beta$ sum over
+# every leading axis, and go into `gamma.grad` and `beta.grad` with `+=`. Then undo
+# $\hat x = (x - \mu)\,r$, where $\mu$ and $r$ depend on the whole row: open exercise 1 of
+# the list above for the formula. The check uses the layer twice before reading the
+# gradient (section 6), so `=` instead of `+=` fails.
+
+# %% nbgrader={"grade": true, "grade_id": "ex1_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(21)
+ln = LayerNorm(8).to(np.float64)
+ln.gamma.data[...] = 1.0 + 0.5 * rng.standard_normal(8)
+ln.beta.data[...] = rng.standard_normal(8)
+print(check_layer(ln, rng.standard_normal((2, 3, 8))))
+xs = [rng.standard_normal((2, 8)), rng.standard_normal((3, 8))]
+Rs = [rng.standard_normal((2, 8)), rng.standard_normal((3, 8))]
+
+
+def ln_twice(backward):
+    outs = [ln.forward(x) for x in xs]
+    if backward:
+        for (_, cache), R in zip(outs, Rs):
+            ln.backward(R, cache)
+    return sum(float(np.sum(y * R)) for (y, _), R in zip(outs, Rs))
+
+
+print(gradcheck(ln_twice, ln))
+
+# %% [markdown]
+# ### Exercise 1.3 · Softmax backward as a Jacobian-vector product
+#
+# **Goal.** Write `softmax_backward(p, dp)`: given $p = \mathrm{softmax}(x)$ over the last
+# axis and $\bar p$, return $\bar x$, both `(..., K)`.
+#
+# **Hints.** $\partial p_i / \partial x_j = p_i(\delta_{ij} - p_j)$, so the Jacobian is
+# $\mathrm{diag}(p) - p p^\top$ (symmetric). Multiply $\bar p$ by it without building it:
+# one elementwise product, one sum over the last axis with `keepdims=True`, one more
+# product. It is one line.
+
+# %% nbgrader={"grade": false, "grade_id": "ex1_3_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def softmax_backward(p, dp):
+    """p = softmax(x) and dp = dL/dp, both (..., K) -> dL/dx (..., K)."""
+    ### BEGIN SOLUTION
+    return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (diag(p) - p p^T) dp, row by row
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex1_3_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip import Module  # noqa: E402
+
+
+class SoftmaxWithYourBackward(Module):
+    """softmax over the last axis; its backward is your function."""
+
+    def forward(self, x):
+        p = softmax(x)
+        return p, p
+
+    def backward(self, dp, cache):
+        return softmax_backward(cache, dp)
+
+
+rng = np.random.default_rng(22)
+print(check_layer(SoftmaxWithYourBackward(), rng.standard_normal((3, 5))))
+### BEGIN HIDDEN TESTS
+assert check_layer(SoftmaxWithYourBackward(), rng.standard_normal((2, 3, 4)), seed=23).passed
+### END HIDDEN TESTS

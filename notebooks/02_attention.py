@@ -391,3 +391,71 @@ print("|dx| per input position:", np.abs(dx).sum(axis=(0, 2)))
 # 4. **The Q-Former's shapes.** BLIP-2's 32 query tokens of width 768 cross-attend to
 #    257 ViT-g tokens of width 1408 with 12 heads. Write down the shapes of every
 #    array in the forward and the backward, and of the key projection's weight.
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 2.1,2.2` runs the same checks with pytest).
+#
+# ### Exercise 2.1 · Scaled dot-product attention backward, with a mask
+#
+# **Goal.** Write `ScaledDotProductAttention.backward` in `minblip/attention.py`.
+#
+# **Hints.** Read the forward bottom up: `out = P_drop @ V`, then the dropout, then the
+# softmax over the keys (the last axis), then the scale, then $S = QK^\top$. The cache
+# holds the weights `p` *after* masking, so a masked key already has $P = 0$: ask yourself
+# why the softmax backward then gives it exactly zero gradient, and why recomputing `p`
+# from `q` and `k` would be a bug. Transpose only the last two axes (`swapaxes(-1, -2)`);
+# `.T` would reverse all four. The check uses a padding and a causal mask together.
+
+# %% nbgrader={"grade": true, "grade_id": "ex2_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(20)
+q = rng.standard_normal((2, 2, 4, 3))  # (B, H, Tq, dh)
+k, v = rng.standard_normal((2, 2, 5, 3)), rng.standard_normal((2, 2, 5, 3))  # Tk = 5
+mask = padding_mask(np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])) & causal_mask(4, 5)
+print(check_layer(ScaledDotProductAttention(), q, k, v, forward_kwargs={"mask": mask}))
+
+# %% [markdown]
+# ### Exercise 2.2 · The backward of the attention scores
+#
+# **Goal.** Write `scores_backward(q, k, dscores, scale)` for
+# $S = c\,QK^\top$ with $Q$ `(B, H, Tq, dh)`, $K$ `(B, H, Tk, dh)` and $S$
+# `(B, H, Tq, Tk)`: return $(\bar Q, \bar K)$.
+#
+# **Hints.** For one batch element and head it is the Linear rule of notebook 01:
+# $\bar Q = c\,\bar S K$ and $\bar K = c\,\bar S^\top Q$. `@` broadcasts over the two
+# leading axes; check each result's shape against its input.
+
+# %% nbgrader={"grade": false, "grade_id": "ex2_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def scores_backward(q, k, dscores, scale):
+    """S = scale * q @ k^T over the last two axes: dscores (B, H, Tq, Tk) -> (dq, dk)."""
+    ### BEGIN SOLUTION
+    dq = scale * dscores @ k  # (B, H, Tq, Tk) @ (B, H, Tk, dh) -> (B, H, Tq, dh)
+    dk = scale * dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, Tq) @ (B, H, Tq, dh) -> (B, H, Tk, dh)
+    return dq, dk
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip import Param, gradcheck  # noqa: E402
+
+rng = np.random.default_rng(21)
+q_p = Param(rng.standard_normal((2, 3, 4, 2)), dtype=np.float64)
+k_p = Param(rng.standard_normal((2, 3, 5, 2)), dtype=np.float64)
+R = rng.standard_normal((2, 3, 4, 5))
+c = 1 / np.sqrt(2)
+
+
+def scores_loss(backward):
+    S = c * q_p.data @ k_p.data.swapaxes(-1, -2)
+    if backward:
+        dq, dk = scores_backward(q_p.data, k_p.data, R, c)
+        q_p.grad += dq
+        k_p.grad += dk
+    return float(np.sum(S * R))
+
+
+print(gradcheck(scores_loss, {"q": q_p, "k": k_p}))

@@ -422,3 +422,78 @@ print(f"random table: off-diagonal cosines have mean {off_diagonal.mean():+.3f},
 # 4. **A trained map.** After training a small BLIP on the synthetic dataset (a later
 #    notebook), redraw the similarity map of section 8 from its ViT's `pos_embed`. Does
 #    row/column structure appear on a 4x4 or 8x8 grid, and after how many steps?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 3.1,3.2` runs the same checks with pytest).
+#
+# ### Exercise 3.1 · Patch embedding as reshape plus matmul
+#
+# **Goal.** Write the body of `patchify` in `minblip/vit.py`: images `(B, C, H, W)` to
+# patches `(B, N, C·p·p)`, patches numbered row by row over the grid, the pixels of a patch
+# in `(c, kh, kw)` order. `PatchEmbed` then needs only one matmul.
+#
+# **Hints.** Split each spatial axis into (grid position, position inside the patch) with
+# one `reshape` to `(B, C, H/p, p, W/p, p)`. One `transpose` brings the two grid axes
+# forward and leaves `(C, p, p)` last; a final `reshape` flattens both groups. No loops, no
+# copies by hand. The check compares `PatchEmbed` with the loop convolution of section 3
+# and the patch order on a non-square image.
+
+# %% nbgrader={"grade": true, "grade_id": "ex3_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(30)
+pe = PatchEmbed(6, 3, 2, 4, rng).to(np.float64)
+conv_w, conv_b = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+pe.load_conv_weights(conv_w, conv_b)
+imgs = rng.standard_normal((2, 2, 6, 6))
+out, _ = pe.forward(imgs)
+conv = conv2d_patchify_reference(imgs, conv_w, conv_b).reshape(2, 4, -1).transpose(0, 2, 1)
+print("PatchEmbed equals the convolution:", np.allclose(out, conv, rtol=0, atol=1e-12))
+assert np.allclose(out, conv, rtol=0, atol=1e-12)
+wide = rng.standard_normal((1, 3, 4, 6))  # a 2 x 3 grid of 2 x 2 patches
+patches = patchify(wide, 2)
+assert patches.shape == (1, 6, 12)
+assert np.array_equal(patches[0, 1 * 3 + 2], wide[0, :, 2:4, 4:6].reshape(-1))  # row 1, column 2
+print("patch order and pixel order: ok")
+
+# %% [markdown]
+# ### Exercise 3.2 · The backward of patchify
+#
+# **Goal.** Write `patchify_backward(dpatches, p, height, width)`: the gradient of the
+# images `(B, C, H, W)` from the gradient of the patches `(B, N, C·p·p)`.
+#
+# **Hints.** `patchify` moves every pixel to exactly one place, so its Jacobian is a
+# permutation matrix, and the transpose of a permutation is its inverse. Undo the three
+# steps of `patchify` in reverse order: reshape to six axes, the inverse transpose, reshape
+# back. (Do not call `unpatchify` — that is the answer.)
+
+# %% nbgrader={"grade": false, "grade_id": "ex3_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def patchify_backward(dpatches, p, height, width):
+    """dpatches (B, N, C*p*p) -> dimages (B, C, height, width)."""
+    ### BEGIN SOLUTION
+    B, _, K = dpatches.shape
+    C, gh, gw = K // (p * p), height // p, width // p
+    x = dpatches.reshape(B, gh, gw, C, p, p)  # undoes the last reshape of patchify
+    x = x.transpose(0, 3, 1, 4, 2, 5)  # inverse of (0, 2, 4, 1, 3, 5): (B, C, gh, p, gw, p)
+    return x.reshape(B, C, height, width)  # undoes the first reshape
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex3_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip import Param, gradcheck  # noqa: E402
+
+rng = np.random.default_rng(31)
+pixels = Param(rng.standard_normal((2, 3, 4, 6)), dtype=np.float64)  # not square on purpose
+R = rng.standard_normal((2, 6, 12))
+
+
+def patch_loss(backward):
+    if backward:
+        pixels.grad += patchify_backward(R, 2, 4, 6)
+    return float(np.sum(patchify(pixels.data, 2) * R))
+
+
+print(gradcheck(patch_loss, {"pixels": pixels}))

@@ -513,3 +513,55 @@ print(f"{len(r.rows)} arrays checked (each shared Param once), "
 #    every new token at position 0 (bypass the `start` check by editing a copy of the
 #    method). How large is the difference from the full forward after 5 tokens, and
 #    which embedding makes it?
+
+# %% [markdown]
+# ## Graded exercise
+#
+# It comes with a check. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution is replaced by a stub that
+# raises `NotImplementedError`; the check cell passes once your code is right
+# (`python -m minblip.exercises check 4.1` runs the same check with pytest).
+#
+# ### Exercise 4.1 · Text embeddings backward, with repeated ids
+#
+# **Goal.** Write `text_embeddings_backward(ids, de, vocab_size, max_positions)` for the
+# sum that `TextEmbeddings` normalises, $e_{bt} = W_{\mathrm{ids}_{bt}} + P_t$, with ids
+# `(B, T)` and `de` `(B, T, D)`: return the gradients of the word table $W$
+# `(vocab_size, D)` and of the position table $P$ `(max_positions, D)`.
+#
+# **Hints.** Two different reductions. A word id can occur many times in the batch: each
+# occurrence adds its row (section 3; `np.add.at`, never `dW[ids] += de`). The position
+# rows $0..T-1$ were broadcast over the batch: sum over it. Rows that were never read get
+# zero.
+
+# %% nbgrader={"grade": false, "grade_id": "ex4_1_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def text_embeddings_backward(ids, de, vocab_size, max_positions):
+    """ids (B, T), de (B, T, D) -> (dword (vocab_size, D), dpos (max_positions, D))."""
+    ### BEGIN SOLUTION
+    B, T, D = de.shape
+    dword = np.zeros((vocab_size, D))
+    np.add.at(dword, ids.reshape(-1), de.reshape(-1, D))  # undoes W[ids]: repeated ids add up
+    dpos = np.zeros((max_positions, D))
+    dpos[:T] = de.sum(axis=0)  # undoes the broadcast of P[:T] over the batch
+    return dword, dpos
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex4_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(40)
+word = Param(rng.standard_normal((7, 3)), dtype=np.float64)
+pos = Param(rng.standard_normal((6, 3)), dtype=np.float64)
+ids = np.array([[1, 4, 4, 0], [4, 2, 1, 1]])  # 4 and 1 repeat
+R = rng.standard_normal((2, 4, 3))
+
+
+def embeddings_loss(backward):
+    e = word.data[ids] + pos.data[:4]  # (B, T, D) + (T, D)
+    if backward:
+        dword, dpos = text_embeddings_backward(ids, R, 7, 6)
+        word.grad += dword
+        pos.grad += dpos
+    return float(np.sum(e * R))
+
+
+print(gradcheck(embeddings_loss, {"word": word, "pos": pos}))

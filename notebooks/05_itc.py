@@ -512,3 +512,80 @@ for i in show:
 #    orthogonal matrix. Show that the loss does not change and that the feature gradients
 #    rotate with the features. Which part of the model could learn such a rotation
 #    without changing the loss?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 5.1,5.2` runs the same checks with pytest).
+#
+# ### Exercise 5.1 · The ITC loss and its backward
+#
+# **Goal.** Write the bodies of `itc_forward` and `itc_backward` in `minblip/blip.py`.
+#
+# **Hints.** Forward: the logits are `image_feat @ text_all.T / t` and
+# `text_feat @ image_all.T / t` (with no banks, `text_all` is `text_feat` itself); the
+# loss is the mean of two `CrossEntropyLoss` calls, with `np.arange(B)` as targets or the
+# soft targets when given. Return the two logit matrices as `cache["sim_i2t"]` and
+# `cache["sim_t2i"]` (`pretrain_step` samples negatives from them) and whatever your
+# backward needs. Backward: section 3 has every formula. Each feature matrix is used
+# twice when there are no banks, so it receives two terms; the temperature is a `Param`,
+# so its gradient goes into `temp.grad` with `+=`.
+
+# %% nbgrader={"grade": true, "grade_id": "ex5_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(50)
+img_p = Param(rng.standard_normal((4, 3)), dtype=np.float64)
+txt_p = Param(rng.standard_normal((4, 3)), dtype=np.float64)
+temp_p = Param(0.3, dtype=np.float64)
+
+
+def itc_loss(backward):
+    loss, cache = itc_forward(img_p.data, txt_p.data, temp_p)
+    if backward:
+        di, dt = itc_backward(1.0, cache, temp_p)
+        img_p.grad += di
+        txt_p.grad += dt
+    return loss
+
+
+print(gradcheck(itc_loss, {"image_feat": img_p, "text_feat": txt_p, "temp": temp_p}, n_coords=8))
+same = np.tile([[0.6, 0.8]], (5, 1))  # every similarity equal: the loss is log n
+print("equal similarities give log n:",
+      math.isclose(itc_forward(same, same.copy(), temp_p)[0], math.log(5), rel_tol=1e-12))
+
+# %% [markdown]
+# ### Exercise 5.2 · L2 normalisation backward
+#
+# **Goal.** Write `l2_normalize_backward(x, dy)` for $y = x/\lVert x\rVert$ over the last
+# axis: return $\bar x$.
+#
+# **Hints.** Section 3 ends with the formula. Recompute the norm and $y$ from `x`; the
+# dot product $y\cdot\bar y$ is one number per row, so keep its axis (`keepdims=True`)
+# to broadcast it back.
+
+# %% nbgrader={"grade": false, "grade_id": "ex5_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def l2_normalize_backward(x, dy):
+    """y = x / ||x|| over the last axis: x, dy (..., E) -> dx (..., E)."""
+    ### BEGIN SOLUTION
+    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+    y = x / norm
+    return (dy - y * np.sum(y * dy, axis=-1, keepdims=True)) / norm  # drop the part along y
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex5_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(51)
+feat = Param(0.3 * rng.standard_normal((3, 4)), dtype=np.float64)  # small norms, large gradients
+R = rng.standard_normal((3, 4))
+
+
+def normalize_loss(backward):
+    x = feat.data
+    if backward:
+        feat.grad += l2_normalize_backward(x, R)
+    return float(np.sum(x / np.linalg.norm(x, axis=-1, keepdims=True) * R))
+
+
+print(gradcheck(normalize_loss, {"features": feat}))

@@ -602,3 +602,91 @@ for k, j in enumerate(np.concatenate([[b], hard])):
 # 4. **`[CLS]` instead of `[ENC]`.** After training ITC + ITM long enough for ITM to
 #    learn (a few thousand steps), score the test pairs with `itm_logits` once with
 #    `enc_id` and once with `tok.cls_id`. How much does the match accuracy drop?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 6.1,6.2` runs the same checks with pytest).
+#
+# ### Exercise 6.1 · Hard-negative mining and the `np.add.at` gather
+#
+# **Goal.** Write the body of `hard_negative_weights` and the one line of `pretrain_step`
+# that sends the negatives' image gradient back to `d_image_embeds` (both in
+# `minblip/blip.py`).
+#
+# **Hints.** The weights of section 3: a softmax over each row of the in-batch
+# similarities (the first $B$ columns, in float64), plus $10^{-4}$, and *then* the diagonal
+# set to zero — zeroing before the softmax gives different numbers. For the gather:
+# `neg_images[:B] = image_embeds[neg_image_idx]` read some images twice (section 6).
+
+# %% nbgrader={"grade": true, "grade_id": "ex6_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(60)
+sim = 3.0 * rng.standard_normal((3, 5))
+expect = softmax(sim[:, :3]) + 1e-4
+np.fill_diagonal(expect, 0.0)
+print("weights as BLIP's:", np.allclose(hard_negative_weights(sim), expect, rtol=1e-12))
+assert np.allclose(hard_negative_weights(sim), expect, rtol=1e-12)
+
+words = "a red blue circle square small large of".split()
+tiny = BLIPConfig(vision=ViTConfig(image_size=4, patch_size=2, width=4, depth=1, heads=1, mlp_dim=8),
+                  text=TextConfig(vocab_size=len(words) + 6, width=4, depth=1, heads=1, mlp_dim=8,
+                                  max_positions=8, encoder_width=4), embed_dim=4)
+tiny_model = BLIP(tiny, rng).to(np.float64)
+for name, p in tiny_model.named_params():
+    if name != "temp":
+        p.data[...] = (1.0 if name.endswith("gamma") else 0.0) + 0.4 * rng.standard_normal(p.shape)
+tiny_tok = Tokenizer(words)
+tiny_ids, tiny_mask = tiny_tok.encode(["a red circle", "a large blue square", "small square"],
+                                      max_length=6)
+pixels = Param(rng.standard_normal((3, 3, 4, 4)), dtype=np.float64)
+
+
+def itm_only(backward):  # image 0 is the negative of two texts
+    r = pretrain_step(tiny_model, pixels.data, tiny_ids, tiny_mask, cls_id=tiny_tok.cls_id,
+                      enc_id=tiny_tok.enc_id, dec_id=tiny_tok.dec_id,
+                      negatives=(np.array([2, 0, 0]), np.array([1, 2, 0])),
+                      weights=(0.0, 1.0, 0.0), backward=backward)
+    if backward:
+        pixels.grad += r.d_images
+    return r.loss
+
+
+print(gradcheck(itm_only, [("pixels", pixels)] + tiny_model.visual_encoder.named_params(),
+                n_coords=3, rtol=1e-5))
+
+# %% [markdown]
+# ### Exercise 6.2 · The backward of a gather with repeated rows
+#
+# **Goal.** Write `gather_rows_backward(index, dgathered, n_rows)`: the forward was
+# `gathered = x[index]` with `x` `(n_rows, D)` and `index` `(M,)`; return $\bar x$.
+#
+# **Hints.** Start from zeros; every row of `dgathered` adds into row `index[m]`. Section 6
+# shows the one function that does this correctly when an index repeats.
+
+# %% nbgrader={"grade": false, "grade_id": "ex6_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def gather_rows_backward(index, dgathered, n_rows):
+    """gathered = x[index]: index (M,), dgathered (M, D) -> dx (n_rows, D)."""
+    ### BEGIN SOLUTION
+    dx = np.zeros((n_rows,) + dgathered.shape[1:])
+    np.add.at(dx, index, dgathered)  # a repeated index collects every row sent to it
+    return dx
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex6_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(61)
+table = Param(rng.standard_normal((5, 3)), dtype=np.float64)
+index = np.array([2, 0, 2, 2, 4])  # row 2 three times, rows 1 and 3 never
+R = rng.standard_normal((5, 3))
+
+
+def gather_loss(backward):
+    if backward:
+        table.grad += gather_rows_backward(index, R, 5)
+    return float(np.sum(table.data[index] * R))
+
+
+print(gradcheck(gather_loss, {"x": table}))

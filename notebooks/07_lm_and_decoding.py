@@ -646,8 +646,82 @@ print(f"whole notebook so far: {time.perf_counter() - notebook_start:.1f} s "
 #    logits for the nine images become identical when `pos_embed` is set to zero. Then
 #    train longer (or with all three objectives, as `minblip.train` does by default)
 #    and record the position accuracy every 250 steps: when does it start to rise?
-# 4. **Beam search vs HF.** Hugging Face divides a finished hypothesis' log-probability
-#    by the length of the sequence *without* its final `[SEP]` and applies the
-#    minimum-length mask to log-probabilities that are not renormalised afterwards.
-#    Find where `minblip.generation._beam_search` differs, change a copy to match, and
-#    count on the validation set how often the chosen caption changes.
+# 4. **Beam search across versions.** `minblip.generation._beam_search` follows Hugging
+#    Face transformers 5, which divides a finished hypothesis' log-probability by the
+#    number of generated tokens including `[SEP]`. transformers 4.15, the version
+#    salesforce/BLIP pinned, divided by the whole length with the prompt and without
+#    `[SEP]`. Change a copy to the 4.15 rule and count on the validation set how often
+#    the chosen caption changes. Which rule favours longer captions, and why?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 7.1,7.2` runs the same checks with pytest).
+#
+# ### Exercise 7.1 · Nucleus (top-p) filtering
+#
+# **Goal.** Write the body of `top_p_filter` in `minblip/generation.py`: for logits
+# `(N, V)`, keep in each row the smallest set of most likely tokens whose probability
+# reaches `top_p`, always at least one, and set every other logit to $-\infty$.
+#
+# **Hints.** Section 8 walks through it. Sort each row ascending (`np.argsort`,
+# `np.take_along_axis`), take the cumulative sum of the sorted probabilities: the tail to
+# drop is where it stays at or below $1 - p$. Keep the last (most likely) token whatever
+# happens, and put the decision back in vocabulary order (`np.put_along_axis`) before
+# masking. The check uses a row whose probabilities are not sorted.
+
+# %% nbgrader={"grade": true, "grade_id": "ex7_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+probs = np.array([[0.15, 0.5, 0.05, 0.3]])
+for top_p, keep in ((0.7, [False, True, False, True]), (0.9, [True, True, False, True]),
+                    (0.1, [False, True, False, False])):
+    kept = np.isfinite(top_p_filter(np.log(probs), top_p))[0]
+    print(f"top_p = {top_p}: keeps {kept.astype(int)}, expected {np.array(keep, int)}")
+    assert kept.tolist() == keep
+
+# %% [markdown]
+# ### Exercise 7.2 · The tied output layer's backward
+#
+# **Goal.** Write `tied_output_backward(t, E, dlogits)` for the last line of the LM head,
+# `logits = t @ E.T + bias`, with `t` `(B, T, D)` and the word-embedding table `E`
+# `(V, D)` that the decoder also reads its input from: return `(dt, dE, dbias)`.
+#
+# **Hints.** Fold the leading axes into one of length $N = BT$ as in notebook 01's Linear:
+# $\bar E$ is `(V, D)` and must sum over all $N$ positions, so it is
+# $\bar Z^\top T$ with $\bar Z$ `(N, V)` and $T$ `(N, D)`; $\bar b$ sums $\bar Z$ over the
+# positions. $\bar t = \bar Z E$ keeps the leading axes.
+
+# %% nbgrader={"grade": false, "grade_id": "ex7_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def tied_output_backward(t, E, dlogits):
+    """logits = t @ E.T + bias: t (B, T, D), E (V, D), dlogits (B, T, V) -> (dt, dE, dbias)."""
+    ### BEGIN SOLUTION
+    V, D = E.shape
+    dz = dlogits.reshape(-1, V)  # (N, V), N = B*T
+    dE = dz.T @ t.reshape(-1, D)  # (V, N) @ (N, D) -> (V, D): every position adds in
+    dbias = dz.sum(axis=0)  # the bias was broadcast over all N positions
+    dt = dlogits @ E  # (B, T, V) @ (V, D) -> (B, T, D)
+    return dt, dE, dbias
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex7_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(70)
+t_p = Param(rng.standard_normal((2, 3, 4)), dtype=np.float64)
+E_p = Param(rng.standard_normal((6, 4)), dtype=np.float64)
+b_p = Param(rng.standard_normal(6), dtype=np.float64)
+R = rng.standard_normal((2, 3, 6))
+
+
+def head_loss(backward):
+    logits = t_p.data @ E_p.data.T + b_p.data
+    if backward:
+        dt, dE, db = tied_output_backward(t_p.data, E_p.data, R)
+        t_p.grad += dt
+        E_p.grad += dE
+        b_p.grad += db
+    return float(np.sum(logits * R))
+
+
+print(gradcheck(head_loss, {"t": t_p, "E": E_p, "bias": b_p}))

@@ -531,3 +531,86 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #    the ViT, text encoder and projections. Check with `is` that none of its Params is a
 #    model Param, and explain what would happen to the momentum update
 #    $p_m \leftarrow m\,p_m + (1-m)\,p$ if they were the same objects.
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 8.1,8.2` runs the same checks with pytest).
+#
+# ### Exercise 8.1 · Tying the MED encoder and decoder
+#
+# **Goal.** Write the `"all_but_self_attention"` branch of `build_med` in
+# `minblip/text.py`: the decoder's BERT must use the encoder's embeddings and, layer by
+# layer, its cross-attention, FFN and their two LayerNorms, but keep its own self-attention
+# and self-attention LayerNorm.
+#
+# **Hints.** Section 2: sharing is handing over the *same module objects*
+# (`setattr(decoder_layer, name, getattr(encoder_layer, name))`), never copying arrays;
+# the sub-module names of a `PostNormBlock` are `self_attn`, `self_attn_ln`,
+# `cross_attn`, `cross_attn_ln`, `ffn`, `ffn_ln`. The LM head is tied to the decoder's
+# word embeddings when `TextDecoder` is built, after your code runs.
+
+# %% nbgrader={"grade": true, "grade_id": "ex8_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.text import build_med  # noqa: E402
+
+enc, dec = build_med(TextConfig(vocab_size=12, width=4, depth=2, heads=2, mlp_dim=8,
+                                max_positions=6, encoder_width=3), np.random.default_rng(80))
+shared = shared_parameter_names(enc, dec)
+print(f"{len(shared)} shared Params; self-attention shared: "
+      f"{any('self_attn' in n for n in shared)}")
+assert dec.bert.embeddings is enc.embeddings
+for e, d in zip(enc.layers, dec.bert.layers):
+    assert all(getattr(d, n) is getattr(e, n) for n in ("cross_attn", "cross_attn_ln", "ffn", "ffn_ln"))
+    assert d.self_attn is not e.self_attn and d.self_attn_ln is not e.self_attn_ln
+assert dec.head.weight is enc.embeddings.word_embeddings.weight
+
+# %% [markdown]
+# ### Exercise 8.2 · One weight, two models: the shared gradient
+#
+# **Goal.** Write `shared_ffn_step(ffn, x_enc, x_dec, R_enc, R_dec)`: one FFN module is held
+# by the encoder and the decoder, and the loss is
+# $\sum \mathrm{ffn}(x_{enc})\odot R_{enc} + \sum \mathrm{ffn}(x_{dec})\odot R_{dec}$. Return
+# `(loss, dx_enc, dx_dec)`, leaving the gradient of the whole loss in the FFN's Params.
+#
+# **Hints.** Two forwards, each with its own cache, then two backwards (any order), each
+# with its own cache. The Params get the sum because `backward` adds (`+=`); nothing may
+# be zeroed in between (section 4).
+
+# %% nbgrader={"grade": false, "grade_id": "ex8_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def shared_ffn_step(ffn, x_enc, x_dec, R_enc, R_dec):
+    """Loss of one FFN used twice -> (loss, dx_enc, dx_dec); adds into ffn's Params."""
+    ### BEGIN SOLUTION
+    y_enc, c_enc = ffn.forward(x_enc)  # the encoder's use
+    y_dec, c_dec = ffn.forward(x_dec)  # the decoder's use of the same weights
+    loss = float(np.sum(y_enc * R_enc) + np.sum(y_dec * R_dec))
+    dx_dec = ffn.backward(R_dec, c_dec)  # each backward adds its part into the shared grads
+    dx_enc = ffn.backward(R_enc, c_enc)
+    return loss, dx_enc, dx_dec
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex8_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.transformer import FeedForward  # noqa: E402
+
+rng = np.random.default_rng(81)
+ffn = FeedForward(4, 8, rng, init_std=0.5).to(np.float64)
+x_enc = Param(rng.standard_normal((2, 3, 4)), dtype=np.float64)
+x_dec = Param(rng.standard_normal((2, 5, 4)), dtype=np.float64)
+R_enc, R_dec = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4))
+
+
+def two_uses(backward):
+    if not backward:
+        y_enc, _ = ffn.forward(x_enc.data)
+        y_dec, _ = ffn.forward(x_dec.data)
+        return float(np.sum(y_enc * R_enc) + np.sum(y_dec * R_dec))
+    loss, dx_enc, dx_dec = shared_ffn_step(ffn, x_enc.data, x_dec.data, R_enc, R_dec)
+    x_enc.grad += dx_enc
+    x_dec.grad += dx_dec
+    return loss
+
+
+print(gradcheck(two_uses, ffn.named_params() + [("x_enc", x_enc), ("x_dec", x_dec)]))

@@ -1,0 +1,193 @@
+"""Classroom exercises: one source tree, a generated student version, and the
+gradient checks as the autograder.
+
+The solutions live in the normal code, marked with nbgrader's delimiters (comment
+lines ``### BEGIN SOLUTION`` / ``### END SOLUTION``; tests that students must not
+see sit between ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``). The
+markers are comments, so the source tree is the working, fully tested package.
+``python -m minblip.exercises student OUTDIR`` writes the student version: every
+solution region becomes ``# YOUR CODE HERE`` and a ``raise NotImplementedError``
+naming the exercise and where it is explained, hidden tests are removed, and
+everything else is copied unchanged (see :mod:`minblip.exercises.student`).
+
+:data:`EXERCISES` is the registry: for each exercise the functions that hold its
+solution regions, the notebook that explains it, its learning goal, the expected
+time and the pytest node ids that check it. docs/instructors.md is the guide.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise.
+
+    ``regions`` names the functions whose bodies hold the solution regions, as
+    ``"path::Qualified.name"``; a path under ``notebooks/`` names the notebook
+    (``.ipynb``; its paired ``.py`` is handled the same way). ``tests`` are
+    pytest node ids: zero-argument test functions that fail until the exercise is
+    solved; those inside hidden-test regions are absent from the student version.
+    """
+
+    id: str
+    title: str
+    notebook: str  # file stem under notebooks/, e.g. "01_backprop_and_gradcheck"
+    regions: tuple[str, ...]
+    goal: str
+    minutes: int
+    tests: tuple[str, ...]
+
+    @property
+    def notebook_path(self) -> str:
+        return f"notebooks/{self.notebook}.ipynb"
+
+    @property
+    def in_notebook(self) -> bool:
+        """True when the student writes the code in the notebook, not in the package."""
+        return all(r.startswith("notebooks/") for r in self.regions)
+
+    @property
+    def heading(self) -> str:
+        """The notebook section that explains the exercise."""
+        return f"Exercise {self.id}"
+
+    def stub_message(self) -> str:
+        return (f"Exercise {self.id} ({self.title}) is yours to write: see "
+                f"{self.notebook_path}, section {self.heading}")
+
+
+CHECKS = "tests/test_exercise_checks.py"
+
+
+def _tests(*names: str) -> tuple[str, ...]:
+    return tuple(f"{CHECKS}::{n}" for n in names)
+
+
+EXERCISES: tuple[Exercise, ...] = (
+    Exercise(
+        "1.1", "softmax cross-entropy backward", "01_backprop_and_gradcheck",
+        ("minblip/softmax.py::CrossEntropyLoss.backward",),
+        "Turn dL/dz = (p * sum_k t_k - t) / N into code that also covers label smoothing, "
+        "soft targets and ignored positions.",
+        20, _tests("test_ex_1_1_class_ids_smoothing_and_ignore", "test_ex_1_1_soft_targets",
+                   "test_ex_1_1_upstream_gradient_and_all_ignored")),
+    Exercise(
+        "1.2", "LayerNorm backward", "01_backprop_and_gradcheck",
+        ("minblip/layers.py::LayerNorm.backward",),
+        "Back-propagate through a normalisation whose mean and variance depend on the whole "
+        "row, and accumulate (+=) into gamma and beta.",
+        30, _tests("test_ex_1_2_layernorm_gradcheck", "test_ex_1_2_layernorm_used_twice")),
+    Exercise(
+        "1.3", "softmax backward as a Jacobian-vector product", "01_backprop_and_gradcheck",
+        ("notebooks/01_backprop_and_gradcheck.ipynb::softmax_backward",),
+        "Multiply by the transposed softmax Jacobian diag(p) - p p^T without building it.",
+        15, _tests("test_ex_1_3_notebook")),
+    Exercise(
+        "2.1", "scaled dot-product attention backward with a mask", "02_attention",
+        ("minblip/attention.py::ScaledDotProductAttention.backward",),
+        "Undo out = softmax(Q K^T / sqrt(d) + mask) V line by line, and see why a masked key "
+        "needs no special case in the backward.",
+        30, _tests("test_ex_2_1_masked_attention_gradcheck", "test_ex_2_1_attention_dropout")),
+    Exercise(
+        "2.2", "the backward of the attention scores", "02_attention",
+        ("notebooks/02_attention.ipynb::scores_backward",),
+        "Differentiate a batched matrix product S = Q K^T * c over (B, H, T, d) arrays, "
+        "transposing only the last two axes.",
+        10, _tests("test_ex_2_2_notebook")),
+    Exercise(
+        "3.1", "patch embedding as reshape plus matmul", "03_vit_patch_embedding",
+        ("minblip/vit.py::patchify",),
+        "Cut images into p x p patches with one reshape and one transpose, in the pixel "
+        "order of a PyTorch conv weight, so a stride-p convolution becomes a matmul.",
+        20, _tests("test_ex_3_1_patchify_matches_a_convolution", "test_ex_3_1_patch_order")),
+    Exercise(
+        "3.2", "the backward of patchify", "03_vit_patch_embedding",
+        ("notebooks/03_vit_patch_embedding.ipynb::patchify_backward",),
+        "See that the adjoint of a pure rearrangement of pixels is its inverse.",
+        15, _tests("test_ex_3_2_notebook")),
+    Exercise(
+        "4.1", "text embeddings backward with repeated ids", "04_text_transformer",
+        ("notebooks/04_text_transformer.ipynb::text_embeddings_backward",),
+        "Scatter-add into the word table with np.add.at (ids repeat) and reduce the position "
+        "table's gradient over the batch it was broadcast over.",
+        15, _tests("test_ex_4_1_notebook")),
+    Exercise(
+        "5.1", "the ITC loss and its backward", "05_itc",
+        ("minblip/blip.py::itc_forward", "minblip/blip.py::itc_backward"),
+        "Write the symmetric InfoNCE loss over the batch's similarity matrix and its "
+        "gradient for the features (used twice) and the learnable temperature.",
+        40, _tests("test_ex_5_1_itc_gradcheck_in_batch", "test_ex_5_1_itc_with_banks",
+                   "test_ex_5_1_itc_values")),
+    Exercise(
+        "5.2", "L2 normalisation backward", "05_itc",
+        ("notebooks/05_itc.ipynb::l2_normalize_backward",),
+        "Differentiate y = x / ||x||: the gradient is the upstream one with its component "
+        "along y removed, divided by the norm.",
+        15, _tests("test_ex_5_2_notebook")),
+    Exercise(
+        "6.1", "hard-negative mining and the np.add.at gather", "06_itm_hard_negatives",
+        ("minblip/blip.py::hard_negative_weights", "minblip/blip.py::pretrain_step"),
+        "Build BLIP's sampling weights (softmax, + 1e-4, positive zeroed after the softmax) "
+        "and scatter the negatives' image gradient back with np.add.at.",
+        25, _tests("test_ex_6_1_hard_negative_weights", "test_ex_6_1_repeated_negative_gradient")),
+    Exercise(
+        "6.2", "the backward of a gather with repeated rows", "06_itm_hard_negatives",
+        ("notebooks/06_itm_hard_negatives.ipynb::gather_rows_backward",),
+        "Write the scatter-add that undoes x[index] when an index repeats.",
+        10, _tests("test_ex_6_2_notebook")),
+    Exercise(
+        "7.1", "nucleus (top-p) filtering", "07_lm_and_decoding",
+        ("minblip/generation.py::top_p_filter",),
+        "Keep the smallest set of most likely tokens whose probability reaches top_p, with "
+        "sorting, a cumulative sum and a scatter back to vocabulary order.",
+        20, _tests("test_ex_7_1_top_p_keeps_the_nucleus", "test_ex_7_1_top_p_rows_and_ties")),
+    Exercise(
+        "7.2", "the tied output layer's backward", "07_lm_and_decoding",
+        ("notebooks/07_lm_and_decoding.ipynb::tied_output_backward",),
+        "Back-propagate logits = t E^T + b into t, the shared embedding table E and b.",
+        15, _tests("test_ex_7_2_notebook")),
+    Exercise(
+        "8.1", "tying the MED encoder and decoder", "08_med_pretraining_step",
+        ("minblip/text.py::build_med",),
+        "Share every module except self-attention between the text encoder and decoder by "
+        "handing over the same objects, so gradients add up in one Param.",
+        20, _tests("test_ex_8_1_sharing_all_but_self_attention", "test_ex_8_1_shared_gradient")),
+    Exercise(
+        "8.2", "one weight, two models: the shared gradient", "08_med_pretraining_step",
+        ("notebooks/08_med_pretraining_step.ipynb::shared_ffn_step",),
+        "Run a module held by the encoder and the decoder twice and back-propagate both uses "
+        "before anything is zeroed, so its Params get the sum.",
+        15, _tests("test_ex_8_2_notebook")),
+)
+
+# Exercises not written yet, for notebooks still being finished.
+TODO = (
+    "9.x the Q-Former's three masks (notebooks/09_qformer_masks; minblip/qformer.py)",
+    "10.x BLIP-2 stage 1 (notebooks/10_blip2_stage1)",
+    "11.x BLIP-2 stage 2 (notebooks/11_blip2_stage2)",
+)
+
+# Files the student version leaves out: they test the generator or hold wrong answers.
+INSTRUCTOR_ONLY = ("tests/test_exercises.py", "tests/exercise_wrong_answers.py")
+
+BY_ID = {e.id: e for e in EXERCISES}
+
+
+def by_region() -> dict[str, Exercise]:
+    """``"path::Qualified.name"`` -> the exercise whose solution region it holds."""
+    return {r: e for e in EXERCISES for r in e.regions}
+
+
+def select(ids) -> tuple[Exercise, ...]:
+    """The exercises with the given ids (all of them for None); unknown ids raise."""
+    if ids is None:
+        return EXERCISES
+    ids = list(ids)
+    unknown = [i for i in ids if i not in BY_ID]
+    if unknown:
+        raise ValueError(f"unknown exercise ids {unknown}; known: {sorted(BY_ID)}")
+    return tuple(e for e in EXERCISES if e.id in ids)
+
+
+__all__ = ["Exercise", "EXERCISES", "BY_ID", "TODO", "INSTRUCTOR_ONLY", "by_region", "select"]
