@@ -1,0 +1,302 @@
+"""BLIP-2 stage 2: gradients through the frozen LM into the soft prompt's makers,
+nothing into the frozen parts, the loss mask, training, captions and questions."""
+import numpy as np
+import pytest
+
+from minblip import gradcheck, world
+from minblip.blip2 import Blip2Config, Blip2Stage1, Frozen
+from minblip.blip2_stage2 import (Blip2Stage2, Stage2Config, build_stage2, caption_images,
+                                  evaluate_captions, parameter_counts, qa_items, stage2_step,
+                                  train_stage2, zero_shot_qa)
+from minblip.image import preprocess
+from minblip.layers import LayerNorm, Linear
+from minblip.lm import LanguageModel, LMConfig, _modules, all_named_params, build_lm_tokenizer
+from minblip.optim import AdamW
+from minblip.qformer import QFormer, QFormerConfig
+from minblip.softmax import CrossEntropyLoss, log_softmax
+from minblip.vit import ViTConfig, VisionTransformer
+
+Q = 3
+
+
+def vit_cfg(**kw):
+    return ViTConfig(**{**dict(image_size=8, patch_size=4, width=6, depth=1, heads=2,
+                               mlp_dim=8), **kw})
+
+
+def q_cfg(**kw):
+    return QFormerConfig(**{**dict(vocab_size=10, width=8, depth=2, heads=2, mlp_dim=12,
+                                   num_queries=Q, encoder_width=6, cross_attention_freq=1), **kw})
+
+
+def build(vocab=11, lm_width=10, seed=0, max_positions=12):
+    rng = np.random.default_rng(seed)
+    vit = VisionTransformer(vit_cfg(), rng)
+    lm = LanguageModel(LMConfig(vocab_size=vocab, width=lm_width, depth=1, heads=2, mlp_dim=12,
+                                max_positions=max_positions), rng)
+    return Blip2Stage2(vit, LayerNorm(6), QFormer(q_cfg(), rng), lm, rng)
+
+
+def randomize(model, seed=5, scale=0.4):
+    model.to(np.float64)
+    rng = np.random.default_rng(seed)
+    for name, p in (all_named_params(model) + all_named_params(model.visual_encoder.module)):
+        p.data[...] = rng.normal(0.0, scale, p.shape) + (1.0 if name.endswith("gamma") else 0.0)
+    return model
+
+
+def batch(seed=1):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(2, 3, 8, 8))
+    ids = np.array([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+    return images, ids, (ids != 0).astype(np.int64)
+
+
+def frozen_params(model):
+    return all_named_params(model.language_model) + all_named_params(model.visual_encoder.module)
+
+
+# ---------------------------------------------------------------------------
+# What trains and what does not
+# ---------------------------------------------------------------------------
+
+def test_params_are_exactly_the_trainable_parts():
+    model = build()
+    names = [n for n, _ in model.named_params()]
+    assert names[:2] == ["ln_vision.gamma", "ln_vision.beta"]
+    assert "qformer.query_tokens" in names
+    assert names[-2:] == ["language_projection.W", "language_projection.b"]
+    assert not any(n.startswith(("language_model", "visual_encoder")) for n in names)
+    # LAVIS removes the Q-Former's text-only parts for stage 2
+    assert not any("word_embeddings" in n or "position_embeddings" in n or ".ffn." in n
+                   or ".ffn_ln." in n for n in names)
+    trainable = {id(p) for p in model.params()}
+    assert not trainable & {id(p) for _, p in frozen_params(model)}
+    counts = parameter_counts(model)
+    assert counts["trainable"] == model.param_count()
+    assert counts["total"] == counts["trainable"] + sum(p.size for _, p in frozen_params(model))
+    assert counts["parts"]["language_model"] == (0, sum(
+        p.size for _, p in all_named_params(model.language_model)))
+    assert counts["parts"]["visual_encoder"][0] == 0
+
+
+def test_stage2_gradcheck_through_the_frozen_lm():
+    model = randomize(build())
+    images, ids, mask = batch()
+
+    def loss_fn(backward):
+        return stage2_step(model, images, ids, mask, prompt_length=1, backward=backward).loss
+
+    report = gradcheck(loss_fn, model, n_coords=4)
+    names = {r.name for r in report.rows}
+    assert {"qformer.query_tokens", "ln_vision.gamma", "language_projection.W"} <= names
+    assert report.directional.passed and report.max_rel_err <= 1e-6
+    # the check ran on the trainable Params only and left the frozen ones without gradient
+    assert all(not p.grad.any() for _, p in frozen_params(model))
+
+
+def test_no_gradient_is_computed_for_frozen_parts(monkeypatch):
+    model = randomize(build())
+    images, ids, mask = batch()
+    frozen_ids = {id(m) for m in _linears(model.language_model) + _linears(
+        model.visual_encoder.module)}
+    assert len(frozen_ids) == 6 + 7  # LM: q, k, v, out, fc1, fc2; ViT: those and the patches
+    calls = []
+    original = Linear.backward
+    monkeypatch.setattr(Linear, "backward",
+                        lambda self, *a: calls.append(id(self) in frozen_ids) or original(self, *a))
+    monkeypatch.setattr(VisionTransformer, "backward",
+                        lambda *a: pytest.fail("the frozen ViT was back-propagated"))
+    model.zero_grad()
+    result = stage2_step(model, images, ids, mask)
+    assert calls and not any(calls)  # trainable Linears ran backward, frozen ones never did
+    assert np.abs(result.d_soft_prompt).sum() > 0
+    assert np.abs(model.language_projection.W.grad).sum() > 0
+    assert np.abs(model.qformer.query_tokens.grad).sum() > 0
+    assert np.abs(model.ln_vision.gamma.grad).sum() > 0
+
+
+def _linears(module):
+    return [m for m in _modules(module, set()) if isinstance(m, Linear)]
+
+
+def test_frozen_parts_never_change_under_the_optimiser():
+    model = build()
+    images, ids, mask = batch()
+    images = images.astype(np.float32)
+    before = {id(p): p.data.copy() for _, p in frozen_params(model)}
+    trainable_before = {id(p): p.data.copy() for p in model.params()}
+    opt = AdamW(model, lr=0.05, weight_decay=0.5)
+    assert len(opt.params) == len(model.params())
+    for _ in range(3):
+        model.zero_grad()
+        stage2_step(model, images, ids, mask)
+        opt.step()
+    for _, p in frozen_params(model):
+        np.testing.assert_array_equal(p.data, before[id(p)])
+    assert all(not np.array_equal(p.data, trainable_before[id(p)]) for p in model.params())
+
+
+# ---------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------
+
+def test_loss_is_plain_ce_over_the_text_only():
+    model = randomize(build())
+    images, ids, mask = batch()
+    result = stage2_step(model, images, ids, mask, prompt_length=2, backward=False)
+    assert (result.targets[:, :Q + 2] == -100).all()  # soft prompt and prompt tokens
+    # by hand: row t predicts token t + 1; only real text tokens after the prompt count
+    logp = log_softmax(result.logits)
+    terms = [-logp[b, Q + t - 1, ids[b, t]] for b in range(2) for t in range(2, ids.shape[1])
+             if mask[b, t]]
+    assert result.loss == pytest.approx(np.mean(terms), rel=1e-12)
+
+
+def test_changing_what_sits_at_ignored_positions_changes_nothing():
+    model = randomize(build())
+    images, ids, mask = batch()
+    base = stage2_step(model, images, ids, mask, prompt_length=1, backward=False)
+    padded = ids.copy()
+    padded[mask == 0] = 9  # other tokens under the padding (never attended to, never labels)
+    other = stage2_step(model, images, padded, mask, prompt_length=1, backward=False)
+    assert other.loss == base.loss
+    # nothing written at an ignored row of the logits reaches the loss
+    noisy = base.logits.copy()
+    ignored = np.concatenate([base.targets[:, 1:] == -100, np.ones((2, 1), bool)], axis=1)
+    noisy[ignored] += np.random.default_rng(0).normal(0, 5, noisy[ignored].shape)
+    loss, _ = CrossEntropyLoss().forward(noisy[:, :-1], base.targets[:, 1:])
+    assert loss == pytest.approx(base.loss, rel=1e-12)
+    # the BOS label is masked with a prompt, so the soft prompt's last row is not trained
+    model.zero_grad()
+    result = stage2_step(model, images, ids, mask, prompt_length=1)
+    np.testing.assert_array_equal(result.targets[:, Q], -100)
+    no_prompt = stage2_step(model, images, ids, mask, prompt_length=0, backward=False)
+    assert (no_prompt.targets[:, Q] == ids[:, 0]).all()  # LAVIS: with "" BOS is a label
+
+
+# ---------------------------------------------------------------------------
+# Starting from stage 1, training, generation, questions
+# ---------------------------------------------------------------------------
+
+def tiny_world():
+    return world.make_dataset(24, 0, 6, seed=0, image_size=32, max_objects=2)
+
+
+def tiny_stage2(tok, seed=0):
+    rng = np.random.default_rng(seed)
+    vit = VisionTransformer(ViTConfig(image_size=32, patch_size=16, width=8, depth=1, heads=2,
+                                      mlp_dim=16), rng)
+    # a random LM with large weights, so its output depends strongly on the soft prompt
+    lm = LanguageModel(LMConfig(vocab_size=tok.vocab_size, width=16, depth=1, heads=2,
+                                mlp_dim=32, max_positions=32, init_std=0.5), rng)
+    qformer = QFormer(q_cfg(encoder_width=8, width=16, mlp_dim=32, num_queries=4), rng)
+    return Blip2Stage2(vit, LayerNorm(8), qformer, lm, rng)
+
+
+def test_from_stage1_copies_the_qformer_and_shares_the_frozen_vit():
+    rng = np.random.default_rng(0)
+    stage1 = Blip2Stage1(Blip2Config(qformer=q_cfg(), vision=vit_cfg()), rng)
+    lm = LanguageModel(LMConfig(vocab_size=11, width=10, depth=1, heads=2, mlp_dim=12,
+                                max_positions=12), rng)
+    model = Blip2Stage2.from_stage1(stage1, lm, rng)
+    assert isinstance(model.visual_encoder, Frozen)
+    assert model.visual_encoder.module is stage1.visual_encoder.module
+    assert model.qformer is not stage1.qformer
+    np.testing.assert_array_equal(model.qformer.query_tokens.data, stage1.qformer.query_tokens.data)
+    assert stage1.qformer.embeddings.word_embeddings is not None  # stage 1 keeps its text parts
+    before = [p.data.copy() for p in stage1.params()]
+    images, ids, mask = batch()
+    opt = AdamW(model, lr=0.05)
+    model.zero_grad()
+    stage2_step(model, images.astype(np.float32), ids, mask)
+    opt.step()
+    assert all(np.array_equal(a, p.data) for a, p in zip(before, stage1.params()))
+
+
+def test_build_stage2_from_stage1_or_fresh():
+    rng = np.random.default_rng(0)
+    stage1 = Blip2Stage1(Blip2Config(qformer=q_cfg(), vision=vit_cfg()), rng)
+
+    def lm():
+        return LanguageModel(LMConfig(vocab_size=11, width=10, depth=1, heads=2, mlp_dim=12,
+                                      max_positions=12), rng)
+
+    started = build_stage2(lm(), rng, stage1=stage1)
+    np.testing.assert_array_equal(started.ln_vision.gamma.data, stage1.ln_vision.gamma.data)
+    fresh = build_stage2(lm(), rng, visual_encoder=stage1.visual_encoder, qformer_cfg=q_cfg())
+    assert fresh.visual_encoder.module is stage1.visual_encoder.module
+    assert fresh.qformer.cfg == q_cfg() and fresh.ln_vision.eps == 1e-5
+    with pytest.raises(ValueError, match="neither"):
+        build_stage2(lm(), rng, stage1=stage1, qformer_cfg=q_cfg())
+    with pytest.raises(ValueError, match="both visual_encoder and qformer_cfg"):
+        build_stage2(lm(), rng, qformer_cfg=q_cfg())
+
+
+def test_short_stage2_run_reduces_the_loss_and_the_tools_run():
+    tok = build_lm_tokenizer()
+    data = tiny_world()
+    model = tiny_stage2(tok)
+    history = train_stage2(model, tok, data.train,
+                           Stage2Config(steps=25, batch_size=8, lr=1e-2, warmup_steps=2))
+    assert np.mean(history.loss[-5:]) < 0.85 * np.mean(history.loss[:2])
+    metrics, captions = evaluate_captions(model, tok, data.test, method="greedy", max_length=12)
+    assert len(captions) == len(data.test) and 0.0 <= metrics["caption_attribute_accuracy"] <= 1.0
+    assert {"caption_colour_accuracy", "caption_shape_accuracy", "caption_size_accuracy",
+            "caption_position_accuracy"} <= set(metrics)
+    pixels = preprocess(data.test.images[:2], 32)
+    beams = caption_images(model, tok, pixels, method="beam", num_beams=2, max_length=8)
+    assert len(beams) == 2 and all(isinstance(c, str) for c in beams)
+    qa = zero_shot_qa(model, tok, data.test)
+    assert qa["colour"]["chance"] == pytest.approx(1 / 6) and qa["size"]["chance"] == 0.5
+    assert qa["count"]["chance"] == 0.5  # one or two objects in this world
+    assert qa["overall"]["n"] == len(qa["items"]) == len(qa_items(data.test))
+    assert all(it["prediction"] in tok.tokens for it in qa["items"])
+
+
+def test_soft_prompt_matches_the_training_forward():
+    tok = build_lm_tokenizer()
+    model = tiny_stage2(tok)
+    pixels = preprocess(tiny_world().test.images[:3], 32)
+    ids, mask = tok.encode(["a red circle", "a blue box", "a big cross"])
+    result = stage2_step(model, pixels, ids, mask, backward=False)
+    np.testing.assert_allclose(model.soft_prompt(pixels), result.soft_prompt, rtol=1e-6)
+    assert result.soft_prompt.shape == (3, 4, 16)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+def test_bad_input():
+    model = build()
+    images, ids, mask = batch()
+    images = images.astype(np.float32)
+    with pytest.raises(ValueError, match="images or image_embeds"):
+        stage2_step(model, None, ids, mask)
+    with pytest.raises(ValueError, match="same shape"):
+        stage2_step(model, images, ids, mask[:, :3])
+    with pytest.raises(ValueError, match="3 texts for 2 images"):
+        stage2_step(model, images, np.vstack([ids, ids[:1]]), np.vstack([mask, mask[:1]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        stage2_step(model, images, ids.astype(float), mask)
+    with pytest.raises(TypeError, match="floating-point"):
+        stage2_step(model, images.astype(np.uint8), ids, mask)
+    with pytest.raises(ValueError, match="prompt_length"):
+        stage2_step(model, images, ids, mask, prompt_length=9)
+    with pytest.raises(ValueError, match="max_positions"):
+        stage2_step(model, images, np.ones((2, 10), int), np.ones((2, 10), int))
+    rng = np.random.default_rng(0)
+    vit = VisionTransformer(vit_cfg(width=4), rng)
+    lm = LanguageModel(LMConfig(vocab_size=11, width=10, depth=1, heads=2, mlp_dim=12), rng)
+    with pytest.raises(ValueError, match="ViT width"):
+        Blip2Stage2(vit, LayerNorm(4), QFormer(q_cfg(), rng), lm, rng)
+    with pytest.raises(TypeError, match="language_model must be a LanguageModel"):
+        Blip2Stage2(VisionTransformer(vit_cfg(), rng), LayerNorm(6), QFormer(q_cfg(), rng),
+                    "opt", rng)
+    with pytest.raises(TypeError, match="stage-1 model"):
+        Blip2Stage2.from_stage1(object(), lm, rng)
+    tok = build_lm_tokenizer()
+    with pytest.raises(ValueError, match="tokenizer has"):
+        train_stage2(model, tok, tiny_world().train,
+                     Stage2Config(steps=1, batch_size=2, warmup_steps=0))
