@@ -28,11 +28,13 @@ def write_json(path, data) -> None:
         raise
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(nrows: int = 1, ncols: int = 1, figsize=(6, 4), grid: bool = False):
+    """A figure drawn without pyplot, so writing a report never changes the
+    plotting backend or the figures of a notebook that calls it. ``grid=True``
+    always returns a 2-d array of axes."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=not grid)
 
 
 def smooth(values, window: int = 25):
@@ -44,8 +46,7 @@ def smooth(values, window: int = 25):
 
 
 def plot_losses(history, path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure(figsize=(7, 4))
     for name in ("itc", "itm", "lm"):
         values = smooth(getattr(history, name))
         ax.plot(np.arange(len(values)), values, label=name.upper())
@@ -55,12 +56,10 @@ def plot_losses(history, path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_similarity(sim, path, n: int = 16) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4.3))
+    fig, ax = _figure(figsize=(5, 4.3))
     im = ax.imshow(sim[:n, :n], cmap="viridis")
     ax.set_xlabel("caption")
     ax.set_ylabel("image")
@@ -68,13 +67,11 @@ def plot_similarity(sim, path, n: int = 16) -> None:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_retrieval(images, captions, t2i_scores, path, n_queries: int = 4, top: int = 3) -> None:
     """For a few caption queries, the top images by re-ranked score (green = right)."""
-    plt = _plt()
-    fig, axes = plt.subplots(n_queries, top, figsize=(2.2 * top + 3.2, 2.3 * n_queries))
+    fig, axes = _figure(n_queries, top, figsize=(2.2 * top + 3.2, 2.3 * n_queries), grid=True)
     for q in range(n_queries):
         order = np.argsort(-t2i_scores[q])[:top]
         for r, i in enumerate(order):
@@ -92,7 +89,6 @@ def plot_retrieval(images, captions, t2i_scores, path, n_queries: int = 4, top: 
     fig.suptitle("text-to-image retrieval (green: the right image)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -107,10 +103,9 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def plot_captions(images, generated, truth, path, n: int = 12) -> None:
-    plt = _plt()
     cols = 4
     rows = (min(n, len(images)) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows))
+    fig, axes = _figure(rows, cols, figsize=(3.2 * cols, 3.0 * rows), grid=True)
     for k, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if k >= min(n, len(images)):
@@ -120,7 +115,6 @@ def plot_captions(images, generated, truth, path, n: int = 12) -> None:
                      fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def itm_patch_saliency(model: BLIP, tokenizer: Tokenizer, pixels, captions, max_length: int = 30):
@@ -149,9 +143,8 @@ def itm_patch_saliency(model: BLIP, tokenizer: Tokenizer, pixels, captions, max_
 
 
 def plot_itm_heatmaps(images, captions, saliency, path, n: int = 6) -> None:
-    plt = _plt()
     n = min(n, len(images))
-    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.2))
+    fig, axes = _figure(2, n, figsize=(2.4 * n, 5.2), grid=True)
     size = images.shape[1]
     for k in range(n):
         axes[0, k].imshow(images[k], interpolation="nearest")
@@ -166,4 +159,3 @@ def plot_itm_heatmaps(images, captions, saliency, path, n: int = 6) -> None:
     fig.suptitle("which patches the image-text matching score depends on")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
