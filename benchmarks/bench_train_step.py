@@ -1,0 +1,100 @@
+"""One training step of the demo-size BLIP: minblip against its PyTorch twin.
+
+    python benchmarks/bench_train_step.py [--threads 1 2] [--repeats 15]
+
+The step is ``minblip.train.Trainer.train_step`` with ``TrainConfig()``'s
+model and batch (width 64, depth 2, 4 heads, batch 32, 32x32 images, 8x8
+patches, float32): forward and backward of ITC + ITM + LM, gradient clipping
+and AdamW. The twin (``reference/torch_twin.py``) runs the same step from
+Hugging Face's BLIP modules with the same weights, batch and hard negatives,
+then ``clip_grad_norm_`` and ``torch.optim.AdamW``. For each thread count, a
+fresh process alternates the two steps (interleaved, so both see the same
+machine load) and reports the median time of each and the median of the
+per-round ratios minblip / torch (above 1: minblip is slower). Without
+PyTorch the ratio is null and the reason is recorded.
+"""
+from __future__ import annotations
+
+import sys
+
+import common
+
+
+def worker(args) -> dict:
+    (threads,) = args.threads
+    common.check_worker_threads(threads)
+    import numpy as np  # noqa: F401  (after the thread check)
+    from steps import MinblipStep, TorchStep
+    repeats = args.repeats or 15
+    mine = MinblipStep()
+    cfg = mine.cfg
+    out = {"threads": threads, "load_average_start": common.load_average(),
+           "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.heads,
+                      "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+                      "patch_size": cfg.patch_size, "max_text_len": cfg.max_text_len,
+                      "dtype": str(mine.trainer.model.dtype),
+                      "params": mine.trainer.model.param_count()}}
+    fns = {"minblip": mine}
+    torch_ok, reason = common.torch_available()
+    if torch_ok:
+        twin = TorchStep(mine, threads)
+        out["first_loss"] = {"minblip": mine.first.loss, "torch": twin.first_loss}
+        fns["torch"] = twin
+    times = common.interleave(fns, repeats, warmup=3)
+    out["minblip"] = common.summary_ms(times["minblip"])
+    if torch_ok:
+        out["torch"] = common.summary_ms(times["torch"])
+        out["ratio"] = common.paired_ratio(times["minblip"], times["torch"])
+    else:
+        out["torch"] = out["ratio"] = None
+        out["reason"] = reason
+    out["load_average_end"] = common.load_average()
+    return out
+
+
+def measure(threads=common.THREADS, repeats=None) -> dict:
+    """Run one worker per thread count; print and return the figures."""
+    per = {}
+    for n in threads:
+        print(f"-- training step, {n} thread(s) --", flush=True)
+        per[str(n)] = r = common.run_worker("bench_train_step.py", n,
+                                            ["--repeats", str(repeats)] if repeats else [])
+        if "error" in r:
+            print(f"   failed: {r['error']}")
+            continue
+        print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f})")
+        if r["ratio"] is None:
+            print(f"   torch: not measured ({r['reason']})")
+            continue
+        fl = r["first_loss"]
+        print(f"   torch   {r['torch']['median_ms']:.1f} ms (min {r['torch']['min_ms']:.1f}); "
+              f"first-step loss minblip {fl['minblip']:.6f} vs torch {fl['torch']:.6f}")
+        print(f"   ratio minblip/torch: median {r['ratio']['median']:.2f} "
+              f"(quartiles {r['ratio']['quartiles'][0]:.2f}-{r['ratio']['quartiles'][1]:.2f}); "
+              f"load {r['load_average_start']} -> {r['load_average_end']}")
+    return {"per_threads": per}
+
+
+def headline(result: dict, threads: str = "1") -> tuple[float | None, str | None]:
+    r = result["per_threads"].get(threads)
+    if r is None:
+        return None, f"not measured with {threads} thread(s)"
+    if "error" in r:
+        return None, r["error"]
+    if r["ratio"] is None:
+        return None, r["reason"]
+    return r["ratio"]["median"], None
+
+
+def main(argv=None) -> int:
+    args = common.worker_args().parse_args(argv)
+    if args.worker:
+        common.write_result(args.result, worker(args))
+        return 0
+    result = measure(args.threads, args.repeats)
+    common.write_result(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Shared helpers of the benchmark scripts: thread control, worker processes,
+interleaved timing and summaries.
+
+Thread counts must be fixed before NumPy loads OpenBLAS, so every measurement
+runs in a fresh worker process (the same script with ``--worker``) whose
+environment sets ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS``; a worker that uses PyTorch also calls
+``torch.set_num_threads``. The parent collects each worker's JSON.
+
+Nothing here asserts a time: the machine may be shared, so the scripts report
+medians and ratios of runs interleaved in one process, and the load average.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository being measured
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREADS = (1, 2)
+
+
+def use_repo() -> None:
+    """Import minblip (and reference/) from this checkout, whatever is installed."""
+    for p in (str(ROOT / "reference"), str(ROOT)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment() -> dict:
+    """Versions and machine facts to store beside the figures."""
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "load_average": load_average()}
+    try:
+        import numpy
+        info["numpy"] = numpy.__version__
+    except ImportError:
+        info["numpy"] = None
+    torch_ok, reason = torch_available()
+    if torch_ok:
+        import torch
+        import transformers
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+    else:
+        info["torch"] = None
+        info["torch_missing"] = reason
+    return info
+
+
+def torch_available() -> tuple[bool, str | None]:
+    """(True, None) when torch and transformers import, else (False, why)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        return False, (f"PyTorch reference not available in this environment ({err}); "
+                       f"run with the reference environment described in reference/README.md")
+    return True, None
+
+
+def thread_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in THREAD_VARS:
+        env[var] = str(threads)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]]
+                                                        if env.get("PYTHONPATH") else []))
+    return env
+
+
+def check_worker_threads(threads: int) -> None:
+    """Called by a worker before it imports NumPy: the environment must match."""
+    if "numpy" in sys.modules:
+        raise RuntimeError("the worker imported NumPy before its thread count was checked")
+    for var in THREAD_VARS:
+        if os.environ.get(var) != str(threads):
+            raise RuntimeError(f"worker for {threads} thread(s) runs with {var}="
+                               f"{os.environ.get(var)!r}")
+
+
+def run_worker(script: str, threads: int, args: list[str] | None = None,
+               timeout: float = 1800) -> dict:
+    """Run ``script --worker --threads N [args]`` in a fresh process with N
+    threads; its printed lines pass through, its figures come back as a dict.
+    A failed worker gives {"error": ...} instead of raising."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / script), "--worker",
+               "--threads", str(threads), "--result", str(out)] + list(args or [])
+        try:
+            proc = subprocess.run(cmd, env=thread_env(threads), timeout=timeout,
+                                  stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"worker timed out after {timeout:.0f} s"}
+        if proc.returncode != 0 or not out.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+            return {"error": f"worker exited with {proc.returncode}: {tail}"}
+        if proc.stderr.strip():
+            sys.stderr.write(proc.stderr)
+        return json.loads(out.read_text())
+
+
+def write_result(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1))
+
+
+def interleave(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, round-robin: one run of each per
+    round, the order rotated every round so none always runs first. Returns
+    seconds per run by name. ``warmup`` untimed rounds come first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary_ms(seconds: list[float]) -> dict:
+    ms = [1e3 * s for s in seconds]
+    return {"median_ms": round(statistics.median(ms), 3), "min_ms": round(min(ms), 3),
+            "max_ms": round(max(ms), 3), "runs": len(ms)}
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict:
+    """Ratios of the runs of one round (num[i] / den[i]): neighbours in time see
+    the same load, so their ratio is steadier than a ratio of medians."""
+    ratios = [a / b for a, b in zip(num, den)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), None,
+                                                                      max(ratios)]
+    return {"median": round(statistics.median(ratios), 3),
+            "quartiles": [round(q[0], 3), round(q[2], 3)],
+            "of_medians": round(statistics.median(num) / statistics.median(den), 3)}
+
+
+def worker_args(argv=None):
+    """The options every script shares (parent and worker)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
+                   help="thread counts to measure (default: 1 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to this file")
+    return p
