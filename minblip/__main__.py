@@ -222,7 +222,8 @@ def cmd_capfilt(args) -> int:
     summary["runtime_seconds"] = time.perf_counter() - start
     summary["jobs"] = args.jobs
     capfilt.write_report(out, runs, summary)
-    print("\n" + capfilt.format_table(summary) + "\n\n" + capfilt.format_filter_table(summary))
+    print("\n" + capfilt.format_table(summary) + "\n\n" + capfilt.format_difference_table(summary)
+          + "\n\n" + capfilt.format_filter_table(summary))
     print(f"\n{summary['runtime_seconds']:.0f} s; wrote {out}/metrics.json, table.md, "
           f"texts.jsonl and plots")
     return 0
