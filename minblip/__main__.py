@@ -1,4 +1,4 @@
-"""Command line: ``python -m minblip {demo,train,eval,caption,retrieve} ...``.
+"""Command line: ``python -m minblip {demo,train,eval,caption,retrieve,capfilt,blip2} ...``.
 
 ``demo`` is the main job: it generates the built-in data, pretrains a tiny BLIP
 on it, evaluates it and writes a report folder.
