@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minblip import Module, check_layer
+from layer_helpers import Seeded, randomize
+from minblip import check_layer
 from minblip.attention import (MultiHeadAttention, ScaledDotProductAttention, causal_mask,
                                padding_mask)
 from minblip.transformer import PostNormBlock, PreNormBlock
@@ -20,28 +21,6 @@ seeds = st.integers(0, 2**16)
 # (heads, width) for blocks with LayerNorm: a width-2 LayerNorm is nearly a sign
 # function (its output is +-1 per row), too steep for finite differences
 heads_width = st.sampled_from([(1, 3), (1, 4), (2, 4), (3, 3), (2, 6)])
-
-
-def randomize(module, rng, std=0.5):
-    """Redraw every Param (float64) from rng so the gradients are not tiny."""
-    module.to(np.float64)
-    for p in module.params():
-        p.data[...] = rng.normal(0.0, std, p.shape)
-    return module
-
-
-class Seeded(Module):
-    """Runs a layer with a fresh generator of the same seed on every call, so
-    its dropout masks are the same in every evaluation of the gradient-check loss."""
-
-    def __init__(self, layer, seed):
-        self.layer, self.seed = layer, seed
-
-    def forward(self, *args, **kwargs):
-        return self.layer.forward(*args, rng=np.random.default_rng(self.seed), **kwargs)
-
-    def backward(self, dout, cache):
-        return self.layer.backward(dout, cache)
 
 
 def random_padding(rng, B, T):

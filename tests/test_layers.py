@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minblip import Module, check_layer
+from layer_helpers import Seeded, randomize
+from minblip import check_layer
 from minblip.layers import GELU, Dropout, Embedding, LayerNorm, Linear, erf
 from minblip.softmax import CrossEntropyLoss, L2Normalize, LogSoftmax, Softmax
 from minblip.transformer import FeedForward
@@ -22,29 +23,6 @@ from minblip.transformer import FeedForward
 # bugs (L2Normalize's input gradient of sum(y * x) is exactly zero).
 seeds = st.integers(0, 2**16)
 lead_shapes = st.lists(st.integers(1, 3), min_size=1, max_size=3)  # 1-3 leading axes
-
-
-def randomize(module, rng, std=0.5):
-    """Redraw every Param (float64) from rng so gradients are not tiny and LayerNorm's
-    gamma and beta are not the trivial ones and zeros."""
-    module.to(np.float64)
-    for p in module.params():
-        p.data[...] = rng.normal(0.0, std, p.shape)
-    return module
-
-
-class Seeded(Module):
-    """Runs a layer with a fresh generator of the same seed on every call, so
-    its dropout mask is the same in every evaluation of the gradient-check loss."""
-
-    def __init__(self, layer, seed):
-        self.layer, self.seed = layer, seed
-
-    def forward(self, *args, **kwargs):
-        return self.layer.forward(*args, rng=np.random.default_rng(self.seed), **kwargs)
-
-    def backward(self, dout, cache):
-        return self.layer.backward(dout, cache)
 
 
 # ---------------------------------------------------------------------------
