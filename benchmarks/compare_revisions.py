@@ -1,0 +1,166 @@
+"""Before and after: the same workloads timed on two revisions of minblip.
+
+    python benchmarks/compare_revisions.py BEFORE [AFTER] [--rounds 6] [--steps 8]
+
+BEFORE and AFTER are git revisions (AFTER defaults to the working tree, with
+its uncommitted changes). Each revision's ``minblip/`` is exported into a
+temporary folder with ``git archive``; then worker processes, one BLAS thread
+each, alternate between the two trees (before, after, after, before, ...), each
+timing every workload for ``--steps`` runs after two warm-up runs. A speedup is
+the median over rounds of before-time / after-time of the two neighbouring
+workers of a round (they see the same machine load); quartiles beside it.
+
+The workloads use only the public API that every revision since the training
+issue has, so older trees run them unchanged:
+
+* ``blip_step``: ``Trainer.train_step`` of the demo (``TrainConfig()`` model
+  and batch) on one fixed batch;
+* ``blip2_step``: ``Stage1Trainer.train_step`` (``Stage1Config()``) on one fixed
+  batch of precomputed frozen-encoder features;
+* ``beam_captions``: 3-beam captions of 8 images, cached, each filling the
+  demo decoder's 20 positions ([DEC] and 19 new tokens);
+* ``greedy_captions``: the same with greedy decoding, for 32 images.
+
+Like every script here it prints figures and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+WORKLOADS = ("blip_step", "blip2_step", "beam_captions", "greedy_captions")
+
+
+def export(rev: str | None, dest: Path) -> Path:
+    """Write revision ``rev`` (None: the working tree) of minblip/ into dest."""
+    if rev is None:
+        return common.ROOT
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(common.ROOT), "archive", rev, "minblip"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def build_workloads():
+    """{name: callable} on fixed inputs; imported inside the worker only."""
+    import numpy as np
+    from minblip import world
+    from minblip.blip2 import Stage1Config, Stage1Trainer
+    from minblip.generation import generate
+    from minblip.image import preprocess
+    from minblip.train import Trainer, TrainConfig
+    from minblip.vit import VisionTransformer
+
+    trainer = Trainer(TrainConfig(n_train=256, n_val=8, n_test=8))
+    batch = trainer.sample_batch()
+    trainer.sample_batch = lambda: batch
+
+    demo = trainer.cfg
+    vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+    data = world.make_dataset(64, 1, 1, seed=0, image_size=demo.image_size)
+    stage1 = Stage1Trainer(Stage1Config(), vit, data, tokenizer=trainer.tokenizer)
+    stage1_batch = stage1.sample_batch()
+    stage1.sample_batch = lambda: stage1_batch
+
+    tok = trainer.tokenizer
+    pixels = preprocess(data.train.images[:32], demo.image_size)
+    embeds, _ = trainer.model.encode_image(pixels)
+    prompt = np.array([tok.dec_id])
+    length = demo.max_text_len  # max_length and min_length count the prompt
+
+    def captions(method, n_images, **kw):
+        return lambda: generate(trainer.model.text_decoder, embeds[:n_images], prompt,
+                                sep_id=tok.sep_id, method=method, max_length=length,
+                                min_length=length, **kw)
+
+    return {"blip_step": trainer.train_step, "blip2_step": stage1.train_step,
+            "beam_captions": captions("beam", 8, num_beams=3),
+            "greedy_captions": captions("greedy", 32)}
+
+
+def worker(args) -> dict:
+    common.check_worker_threads(1)
+    import numpy as np
+    fns = build_workloads()
+    out = {}
+    for name in args.workloads:
+        for _ in range(2):
+            fns[name]()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            fns[name]()
+            times.append(time.perf_counter() - start)
+        out[name] = float(np.median(times))
+    return out
+
+
+def run_tree(tree: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = common.thread_env(1)
+        env["PYTHONPATH"] = str(tree)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result",
+               str(result), "--steps", str(args.steps), "--workloads", *args.workloads]
+        subprocess.run(cmd, env=env, check=True, cwd=tmp)
+        return json.loads(result.read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("before", nargs="?", help="git revision measured first")
+    p.add_argument("after", nargs="?", default=None,
+                   help="git revision measured second (default: the working tree)")
+    p.add_argument("--rounds", type=int, default=6, help="pairs of worker processes")
+    p.add_argument("--steps", type=int, default=8, help="timed runs per workload and worker")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--json", metavar="PATH", help="also write the figures to this file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        common.write_result(args.result, worker(args))
+        return 0
+    if args.before is None:
+        p.error("give the revision to compare against, e.g. HEAD")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"before": export(args.before, Path(tmp) / "before"),
+                 "after": export(args.after, Path(tmp) / "after")}
+        runs = {"before": [], "after": []}
+        load_start = common.load_average()
+        for r in range(args.rounds):
+            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            for side in order:
+                runs[side].append(run_tree(trees[side], args))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    result = {"before": args.before, "after": args.after or "working tree",
+              "rounds": args.rounds, "steps": args.steps, "threads": 1,
+              "load_average": [load_start, common.load_average()], "workloads": {}}
+    print(f"\n{'workload':<16} {'before ms':>10} {'after ms':>10} {'speedup':>8}  quartiles")
+    for name in args.workloads:
+        before = [run[name] for run in runs["before"]]
+        after = [run[name] for run in runs["after"]]
+        ratio = common.paired_ratio(before, after)
+        result["workloads"][name] = {"before_ms": round(1e3 * statistics.median(before), 2),
+                                     "after_ms": round(1e3 * statistics.median(after), 2),
+                                     "speedup": ratio}
+        w = result["workloads"][name]
+        print(f"{name:<16} {w['before_ms']:>10.1f} {w['after_ms']:>10.1f} "
+              f"{ratio['median']:>8.2f}  {ratio['quartiles']}")
+    print(f"load average {result['load_average'][0]} -> {result['load_average'][1]}")
+    common.write_result(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
