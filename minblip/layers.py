@@ -166,13 +166,30 @@ _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
 def _erf_float32(x):
-    """erf for float32 arrays: A&S 7.1.26, no table gathers, 4x faster than the table."""
-    ax = np.minimum(np.abs(x), np.float32(_ERF_XMAX))  # erf(6) is 1 in float32; keeps x*x finite
-    t = 1.0 / (1.0 + np.float32(_AS_P) * ax)
-    poly = np.float32(_AS_A[4])
-    for a in _AS_A[3::-1]:  # Horner
-        poly = poly * t + np.float32(a)
-    return np.copysign(1.0 - poly * t * np.exp(-ax * ax), x)
+    """(erf(x), exp(-x^2)) for float32 x: A&S 7.1.26, no table gathers, 4x faster
+    than the table. The Gaussian is a by-product that GELU's backward reuses.
+
+    Evaluated in place on two fresh arrays (one temporary per operation would
+    be ~14 arrays of x's size); |x| is clipped at 6, where erf is 1 in float32,
+    so beyond it the Gaussian is exp(-36) ~ 2e-16 instead of smaller.
+    """
+    f32 = np.float32
+    gauss = np.abs(x)
+    np.minimum(gauss, f32(_ERF_XMAX), out=gauss)  # keeps x*x finite
+    t = gauss * f32(_AS_P)
+    t += f32(1.0)
+    np.reciprocal(t, out=t)  # t = 1 / (1 + p|x|)
+    poly = t * f32(_AS_A[4])
+    for a in _AS_A[3::-1]:  # Horner, ending with poly = (a1 + a2 t + ... + a5 t^4) t
+        poly += f32(a)
+        poly *= t
+    np.square(gauss, out=gauss)
+    np.negative(gauss, out=gauss)
+    np.exp(gauss, out=gauss)  # exp(-x^2)
+    poly *= gauss
+    np.subtract(f32(1.0), poly, out=poly)  # erf(|x|)
+    np.copysign(poly, x, out=poly)
+    return poly, gauss
 
 
 def erf(x):
@@ -185,7 +202,7 @@ def erf(x):
     """
     x = np.asarray(x)
     if x.dtype == np.float32:
-        return _erf_float32(x)
+        return _erf_float32(x)[0]
     if not np.issubdtype(x.dtype, np.floating):  # integers would truncate t and the table
         x = x.astype(np.float64)
     ax = np.abs(x)
@@ -225,8 +242,14 @@ class GELU(Module):
     def forward(self, x):
         check_float(x, "GELU input")
         if self.approximate == "none":
-            cdf = 0.5 * (1.0 + erf(x * _SQRT_HALF))
-            return x * cdf, (x, cdf)
+            if x.dtype == np.float32:
+                # erf(x/sqrt 2) comes with exp(-x^2/2), which the backward needs: keep it
+                cdf, gauss = _erf_float32(x * np.float32(_SQRT_HALF))
+            else:
+                cdf, gauss = erf(x * _SQRT_HALF), None
+            cdf += 1.0
+            cdf *= 0.5  # Phi(x) = (1 + erf(x / sqrt 2)) / 2, in place
+            return x * cdf, (x, cdf, gauss)
         x2 = x * x  # x * x * x instead of x ** 3: NumPy's power is far slower
         inner = _SQRT_2_OVER_PI * (x + 0.044715 * x2 * x)
         th = np.tanh(inner)
@@ -234,9 +257,13 @@ class GELU(Module):
 
     def backward(self, dy, cache):
         if self.approximate == "none":
-            x, cdf = cache
-            pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
-            return dy * (cdf + x * pdf)  # d/dx x Phi(x) = Phi(x) + x phi(x)
+            x, cdf, gauss = cache
+            if gauss is None:
+                gauss = np.exp(-0.5 * x * x)
+            grad = x * gauss
+            grad *= _INV_SQRT_2PI  # x phi(x)
+            grad += cdf
+            return dy * grad  # d/dx x Phi(x) = Phi(x) + x phi(x)
         x, th = cache
         dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
         return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner)
