@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .core import Module, check_float, check_ndim
+from .core import Module, check_float, check_ndim, row_max, row_sum
 from .layers import Dropout, Linear
 
 
@@ -56,14 +56,18 @@ class ScaledDotProductAttention(Module):
         """q (B, H, Tq, dh), k and v (B, H, Tk, dh), mask broadcastable to
         (B, Tq, Tk) -> out (B, H, Tq, dh). The cache holds the weights P."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q @ k.swapaxes(-1, -2)) * scale  # (B,H,Tq,dh) @ (B,H,dh,Tk) -> (B,H,Tq,Tk)
+        scores = q @ k.swapaxes(-1, -2)  # (B,H,Tq,dh) @ (B,H,dh,Tk) -> (B,H,Tq,Tk)
+        scores *= scale  # in place from here on: scores is a fresh array
         if mask is not None:
-            scores = np.where(mask[:, None], scores, -np.inf)  # same mask for every head
-        row_max = np.max(scores, axis=-1, keepdims=True)
-        row_max[~np.isfinite(row_max)] = 0.0  # a fully masked row: exp(-inf) = 0, no NaN
-        e = np.exp(scores - row_max)
-        total = np.sum(e, axis=-1, keepdims=True)
-        p = e / np.where(total == 0.0, 1.0, total)
+            # + 0 where allowed, + -inf where masked; built at (B, Tq, Tk), shared by every head
+            scores += np.where(mask, 0.0, -np.inf).astype(scores.dtype)[:, None]
+        top = row_max(scores)
+        top[~np.isfinite(top)] = 0.0  # a fully masked row: exp(-inf) = 0, no NaN
+        scores -= top
+        p = np.exp(scores, out=scores)  # scores is spent: reuse its memory for P
+        total = row_sum(p)
+        total[total == 0.0] = 1.0
+        p /= total
         p_drop, c_drop = self.dropout.forward(p, rng)
         out = p_drop @ v  # (B,H,Tq,Tk) @ (B,H,Tk,dh) -> (B,H,Tq,dh)
         return out, (q, k, v, p, p_drop, c_drop, scale)
@@ -78,7 +82,7 @@ class ScaledDotProductAttention(Module):
         q, k, v, p, p_drop, c_drop, scale = cache
         dv = p_drop.swapaxes(-1, -2) @ dout  # undoes out = P V
         dp = self.dropout.backward(dout @ v.swapaxes(-1, -2), c_drop)
-        dscores = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # undoes the softmax
+        dscores = p * (dp - row_sum(dp * p))  # undoes the softmax
         dscores *= scale  # undoes the 1/sqrt(dh); masked entries already have p = 0
         dq = dscores @ k  # undoes Q K^T
         dk = dscores.swapaxes(-1, -2) @ q

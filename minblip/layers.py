@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .core import Module, Param, check_float, check_ids, check_last_dim
+from .core import Module, Param, check_float, check_ids, check_last_dim, row_mean
 
 
 class Linear(Module):
@@ -96,12 +96,13 @@ class LayerNorm(Module):
         """x: (..., dim) -> y: (..., dim)."""
         check_float(x, "LayerNorm input")
         check_last_dim(x, self.dim, "LayerNorm input")
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = np.mean(xc * xc, axis=-1, keepdims=True)
+        xhat = x - row_mean(x)  # (..., dim) - (..., 1): centred
+        var = row_mean(xhat * xhat)  # (..., 1), the biased variance
         rstd = 1.0 / np.sqrt(var + self.eps)
-        xhat = xc * rstd
-        return xhat * self.gamma.data + self.beta.data, (xhat, rstd)
+        xhat *= rstd  # in place: xhat is a fresh array
+        y = xhat * self.gamma.data
+        y += self.beta.data
+        return y, (xhat, rstd)
 
     def backward(self, dy, cache):
         """dy (..., dim) -> dx (..., dim); adds into gamma.grad and beta.grad.
@@ -116,8 +117,7 @@ class LayerNorm(Module):
         dxhat = dy * self.gamma.data
         # undoes xhat = (x - mu) * rstd, where mu and rstd depend on every x of the row:
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        return rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                       - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+        return rstd * (dxhat - row_mean(dxhat) - xhat * row_mean(dxhat * xhat))
         ### END SOLUTION
 
 
