@@ -610,11 +610,12 @@ class Stage1Trainer:
 
     def train_step(self) -> dict:
         feats, ids, mask = self.sample_batch()
-        self.model.zero_grad()
+        # the optimiser's Param list, not the model: no walk of the module tree each step
+        self.optimizer.zero_grad()
         result = stage1_step(self.model, None, ids, mask, image_features=feats,
                              dec_id=self.tokenizer.dec_id, rng=self.step_rng,
                              weights=self.cfg.loss_weights)
-        grad_norm = clip_grad_norm(self.model, self.cfg.grad_clip)
+        grad_norm = clip_grad_norm(self.optimizer.params, self.cfg.grad_clip)
         lr = warmup_cosine_lr(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup_steps,
                               min_lr=self.cfg.min_lr)
         self.optimizer.step(lr=lr)

@@ -333,10 +333,10 @@ def train_stage2(model: Blip2Stage2, tokenizer: Tokenizer, split: world.Split,
         texts = [" ".join(t for t in (cfg.prompt, world.describe(split.scenes[i], data_rng)) if t)
                  for i in idx]
         ids, mask = tokenizer.encode(texts, max_length=cfg.max_text_len)
-        model.zero_grad()
+        optimizer.zero_grad()  # the optimiser's Param list: no walk of the module tree
         result = stage2_step(model, None, ids, mask, image_embeds=features[idx],
                              prompt_length=prompt_length, rng=step_rng)
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        grad_norm = clip_grad_norm(optimizer.params, cfg.grad_clip)
         lr = warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps,
                               min_lr=min(cfg.min_lr, cfg.lr))
         optimizer.step(lr=lr)
