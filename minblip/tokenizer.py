@@ -154,36 +154,7 @@ class Tokenizer:
         ``"max_length"`` to ``max_length`` (BLIP pre-training uses the latter
         with ``max_length=30``).
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, (list, tuple)):
-            raise TypeError(f"encode: expected a str or a list of str, "
-                            f"got {type(texts).__name__}")
-        if not texts:
-            raise ValueError("encode: expected at least one text, got an empty list")
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode: every text must be a str, got {t!r} "
-                                f"({type(t).__name__})")
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
-            raise TypeError(f"encode: max_length must be an int, got {max_length!r}")
-        if max_length < 2:
-            raise ValueError(f"encode: max_length must be at least 2 (room for [CLS] and "
-                             f"[SEP]), got {max_length}")
-        if padding not in ("longest", "max_length"):
-            raise ValueError(f"encode: padding must be 'longest' or 'max_length', "
-                             f"got {padding!r}")
-        rows = []
-        for t in texts:
-            words = [self.token_to_id(w) for w in self.tokenize(t)][:max_length - 2]
-            rows.append([self.cls_id] + words + [self.sep_id])
-        width = max_length if padding == "max_length" else max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        return ids, mask
+        return encode_texts(self, texts, max_length, padding)
 
     # -- ids -> text -----------------------------------------------------------
 
@@ -276,3 +247,37 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def encode_texts(tokenizer, texts, max_length: int, padding: str):
+    """``encode`` of :class:`Tokenizer` and of ``minblip.wordpiece.WordPieceTokenizer``:
+    the input checks, BERT's truncation (keep ``max_length - 2`` tokens, then
+    [SEP]) and the padding, with ``tokenizer``'s ``tokenize``, ``token_to_id``
+    and special ids. Returns ``(ids, attention_mask)``, int64 (B, T)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"encode: expected a str or a list of str, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError("encode: expected at least one text, got an empty list")
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"encode: every text must be a str, got {t!r} ({type(t).__name__})")
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+        raise TypeError(f"encode: max_length must be an int, got {max_length!r}")
+    if max_length < 2:
+        raise ValueError(f"encode: max_length must be at least 2 (room for [CLS] and "
+                         f"[SEP]), got {max_length}")
+    if padding not in ("longest", "max_length"):
+        raise ValueError(f"encode: padding must be 'longest' or 'max_length', got {padding!r}")
+    rows = []
+    for t in texts:
+        tokens = [tokenizer.token_to_id(w) for w in tokenizer.tokenize(t)][:max_length - 2]
+        rows.append([tokenizer.cls_id] + tokens + [tokenizer.sep_id])
+    width = max_length if padding == "max_length" else max(len(r) for r in rows)
+    ids = np.full((len(rows), width), tokenizer.pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+        mask[b, :len(r)] = 1
+    return ids, mask

@@ -36,6 +36,8 @@ import unicodedata
 
 import numpy as np
 
+from .tokenizer import encode_texts
+
 MAX_CHARS_PER_WORD = 100  # BERT's max_input_chars_per_word
 BLIP_TOKENS = ("[DEC]", "[ENC]")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") + BLIP_TOKENS
@@ -255,34 +257,7 @@ class WordPieceTokenizer:
         "longest" (the batch's longest row) or "max_length". Like
         ``tokenizer(texts, padding=..., truncation=True, max_length=...)``.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, (list, tuple)):
-            raise TypeError(f"encode: expected a str or a list of str, got "
-                            f"{type(texts).__name__}")
-        if not texts:
-            raise ValueError("encode: expected at least one text, got an empty list")
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
-            raise TypeError(f"encode: max_length must be an int, got {max_length!r}")
-        if max_length < 2:
-            raise ValueError(f"encode: max_length must be at least 2 (room for [CLS] and "
-                             f"[SEP]), got {max_length}")
-        if padding not in ("longest", "max_length"):
-            raise ValueError(f"encode: padding must be 'longest' or 'max_length', got {padding!r}")
-        rows = []
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode: every text must be a str, got {t!r} "
-                                f"({type(t).__name__})")
-            pieces = [self.token_to_id(p) for p in self.tokenize(t)][:max_length - 2]
-            rows.append([self.cls_id] + pieces + [self.sep_id])
-        width = max_length if padding == "max_length" else max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        return ids, mask
+        return encode_texts(self, texts, max_length, padding)
 
     # -- ids -> text -----------------------------------------------------------
 
