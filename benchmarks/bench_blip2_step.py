@@ -1,33 +1,27 @@
-"""One BLIP-2 stage-1 training step (``minblip.blip2.stage1_step``), and its
-ratio to a PyTorch twin when one exists.
+"""One BLIP-2 stage-1 training step: minblip against its PyTorch twin.
 
     python benchmarks/bench_blip2_step.py [--threads 1 2] [--repeats 15]
 
 The step mirrors ``minblip.blip2.Stage1Trainer.train_step`` on a fixed batch:
 ``Stage1Config()`` defaults (Q-Former width 64, depth 2, 4 heads, 8 queries,
-batch 32) reading a frozen demo-size ViT whose features are computed once, as
-the trainer does; zero_grad, ITC + ITM + ITG forward and backward, gradient
-clipping, AdamW. The ratio against PyTorch needs a twin of the whole stage-1
-step (like ``reference/torch_twin.py`` for BLIP), expected in
-``reference/torch_twin_blip2.py``. While there is none, the ratio is null with
-the reason, and only minblip's own step time is reported.
+batch 32, float32) reading a frozen demo-size ViT whose features are computed
+once, as the trainer does; zero_grad, ITC + ITM + ITG forward and backward,
+gradient clipping, AdamW on the warmup-cosine schedule. The twin
+(``reference/torch_twin_blip2.py``) runs the same step in PyTorch with the same
+weights, features, batch and ITM negatives (those of a first forward; minblip
+keeps sampling its own, which costs microseconds), ITG as minblip computes it
+(one pass under the UniLM mask), then ``clip_grad_norm_`` and
+``torch.optim.AdamW`` with minblip's decay rule and schedule. For each thread
+count, a fresh process alternates the two steps and reports the median time
+of each and the median of the per-round ratios minblip / torch (above 1:
+minblip is slower). Without PyTorch the ratio is null and the reason is
+recorded.
 """
 from __future__ import annotations
 
 import sys
 
 import common
-
-TWIN = common.ROOT / "reference" / "torch_twin_blip2.py"
-
-
-def twin_status() -> str | None:
-    """None if a stage-1 twin can be timed, else the reason it cannot."""
-    if not TWIN.exists():
-        return ("no PyTorch twin of the BLIP-2 stage-1 step exists (reference/ has only the "
-                "BLIP twin; tests/test_torch_parity.py compares the Q-Former forward alone)")
-    return ("reference/torch_twin_blip2.py exists but this benchmark does not drive it yet: "
-            "add it to benchmarks/bench_blip2_step.py as bench_train_step.py does for BLIP")
 
 
 def worker(args) -> dict:
@@ -61,10 +55,10 @@ def worker(args) -> dict:
     count = [0]
 
     def step():
-        model.zero_grad()
+        optimizer.zero_grad()  # as Stage1Trainer.train_step does
         stage1_step(model, None, ids, mask, image_features=feats, dec_id=tok.dec_id,
                     rng=step_rng, weights=cfg.loss_weights)
-        clip_grad_norm(model, cfg.grad_clip)
+        clip_grad_norm(optimizer.params, cfg.grad_clip)
         optimizer.step(lr=warmup_cosine_lr(count[0], cfg.steps, cfg.lr, cfg.warmup_steps,
                                            min_lr=cfg.min_lr))
         count[0] += 1
@@ -72,14 +66,46 @@ def worker(args) -> dict:
     out = {"threads": threads, "load_average_start": common.load_average(),
            "config": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.heads,
                       "num_queries": cfg.num_queries, "batch_size": cfg.batch_size,
+                      "max_text_len": cfg.max_text_len, "dtype": str(model.dtype),
                       "trainable_params": model.param_count(),
                       "frozen_params": vit.param_count()}}
-    times = common.interleave({"minblip": step}, repeats, warmup=3)
+    fns = {"minblip": step}
+    torch_ok, reason = common.torch_available()
+    if torch_ok:  # built before minblip's first update: both start from the same weights
+        first = stage1_step(model, None, ids, mask, image_features=feats, dec_id=tok.dec_id,
+                            rng=np.random.default_rng(0), weights=cfg.loss_weights,
+                            backward=False)  # the ITM negatives the twin will use
+        fns["torch"], twin_loss = torch_step(model, tok, cfg, threads, feats, ids, mask,
+                                             first.neg_image_idx, first.neg_text_idx)
+        out["first_loss"] = {"minblip": first.loss, "torch": twin_loss}
+    times = common.interleave(fns, repeats, warmup=3)
     out["minblip"] = common.summary_ms(times["minblip"])
-    out["torch"] = out["ratio"] = None
-    out["reason"] = twin_status()
+    if torch_ok:
+        out["torch"] = common.summary_ms(times["torch"])
+        out["ratio"] = common.paired_ratio(times["minblip"], times["torch"])
+    else:
+        out["torch"] = out["ratio"] = None
+        out["reason"] = reason
     out["load_average_end"] = common.load_average()
     return out
+
+
+def torch_step(model, tok, cfg, threads: int, *batch):
+    """The twin's trainer step (``torch_twin_blip2.TwinTrainer``) with ``model``'s
+    current weights on ``batch`` = (features, ids, mask, neg_image_idx,
+    neg_text_idx). Returns (step function, the twin's loss before any update)."""
+    import torch
+    import torch_twin_blip2
+    torch.set_num_threads(threads)
+    twin = torch_twin_blip2.twin_of(model)
+    trainer = torch_twin_blip2.TwinTrainer(
+        twin, lr=cfg.lr, min_lr=cfg.min_lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, dec_id=tok.dec_id,
+        weights=cfg.loss_weights)
+    inputs = tuple(torch.from_numpy(a) for a in batch)
+    with torch.no_grad():
+        total, _, _ = twin.step(*inputs, dec_id=tok.dec_id, weights=cfg.loss_weights)
+    return (lambda: trainer.train_step(*inputs)), float(total)
 
 
 def measure(threads=common.THREADS, repeats=None) -> dict:
@@ -91,8 +117,16 @@ def measure(threads=common.THREADS, repeats=None) -> dict:
         if "error" in r:
             print(f"   failed: {r['error']}")
             continue
-        print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f}); "
-              f"ratio to torch: {r['ratio']} ({r['reason']})")
+        print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f})")
+        if r["ratio"] is None:
+            print(f"   torch: not measured ({r['reason']})")
+            continue
+        fl = r["first_loss"]
+        print(f"   torch   {r['torch']['median_ms']:.1f} ms (min {r['torch']['min_ms']:.1f}); "
+              f"first-step loss minblip {fl['minblip']:.6f} vs torch {fl['torch']:.6f}")
+        print(f"   ratio minblip/torch: median {r['ratio']['median']:.2f} "
+              f"(quartiles {r['ratio']['quartiles'][0]:.2f}-{r['ratio']['quartiles'][1]:.2f}); "
+              f"load {r['load_average_start']} -> {r['load_average_end']}")
     return {"per_threads": per}
 
 

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
     by_threads = {}
     for key, name, fn in (("train_step_ratio_vs_torch", "train_step", bench_train_step.headline),
+                          ("blip2_step_ratio_vs_torch", "blip2_step", bench_blip2_step.headline),
                           ("generation_cache_speedup", "generation", bench_generation.headline),
                           ("matmul_share", "matmul_share", bench_matmul_share.headline)):
         by_threads[key] = {str(n): fn(details[name], str(n))[0] for n in common.THREADS}

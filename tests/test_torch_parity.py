@@ -9,7 +9,9 @@ with random weights, saved with ``save_pretrained`` and loaded by minblip.hf.
 * the other direction: minblip models saved by minblip.hf load in transformers;
 * the safetensors reader/writer against the safetensors package;
 * WordPiece against BertTokenizer;
-* reference/torch_twin.py: one pretraining step, loss and every gradient.
+* reference/torch_twin.py: one pretraining step, loss and every gradient;
+* reference/torch_twin_blip2.py: one BLIP-2 stage-1 step (losses and every
+  gradient) and four trainer steps (clipping, AdamW, schedule).
 
 Tolerances: 1e-8 absolute in float64, 1e-4 in float32.
 """
@@ -214,11 +216,10 @@ def test_beam_search_tokens_with_early_ends(tmp_path):
 # minblip -> Hugging Face
 # ---------------------------------------------------------------------------------------
 
-def load_twin_module():
-    spec = importlib.util.spec_from_file_location("torch_twin",
-                                                  ROOT / "reference" / "torch_twin.py")
+def load_twin_module(name="torch_twin"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "reference" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["torch_twin"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -367,3 +368,61 @@ def test_qformer_queries(depth, freq, text_input, dtype, tmp_path):
                   encoder_hidden_states=t(image)).last_hidden_state.numpy()
     mine, _ = qformer.forward(image, mode="queries")
     assert np.abs(mine - out).max() <= TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# BLIP-2 stage 1: reference/torch_twin_blip2.py
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, itg, depth, freq", [
+    ("float64", "unilm", 2, 2), ("float64", "cached", 2, 2), ("float64", "cached", 3, 1),
+    ("float32", "unilm", 2, 2)])
+def test_blip2_twin_step_matches(dtype, itg, depth, freq):
+    """Losses and every gradient of minblip's stage-1 step against the twin, whose
+    ITG is minblip's one UniLM pass or LAVIS's pass over the cached query keys."""
+    twin = load_twin_module("torch_twin_blip2")
+    model, tok = twin.tiny_minblip(0, np.dtype(dtype), depth, freq)
+    rows, info = twin.compare_step(model, tok, itg=itg)
+    failed = [(r["name"], r["max_abs"], r["max_ref"]) for r in rows if not twin.passes(r, dtype)]
+    assert not failed
+    assert info["n_params"] == len(model.params())
+    names = {r["name"] for r in rows}
+    assert {"loss_itc", "loss_itm", "loss_itg", "temp", "query_tokens",
+            "Qformer.bert.encoder.layer.0.crossattention.self.key.weight"} <= names
+    if dtype == "float64":  # the check is tight: far below its 1e-8 tolerance
+        rtol, atol = twin.TOLERANCES["float64"]
+        assert max(r["rel"] for r in rows if r["max_ref"] > atol) < 1e-12
+
+
+def test_blip2_twin_training_matches():
+    """Four trainer steps: clipping (active: the gradient norms are far above the
+    limit of 1), AdamW with weight decay, the warmup and the cosine move every
+    parameter alike (all but the three attention key biases, see compare_training)."""
+    twin = load_twin_module("torch_twin_blip2")
+    model, tok = twin.tiny_minblip(1, np.float64)
+    rows = twin.compare_training(model, tok, steps=4, seed=1)
+    failed = [(r["name"], r["max_abs"], r["max_ref"]) for r in rows
+              if not twin.passes(r, "float64")]
+    assert not failed
+    assert sum(r["name"].startswith("change ") for r in rows) == len(model.params()) - 3
+
+
+def test_blip2_twin_decay_rule_matches_minblip():
+    twin = load_twin_module("torch_twin_blip2")
+    model, _ = twin.tiny_minblip(0, np.float64)
+    from minblip.optim import decay_mask
+    decays = {id(p): decay_mask(model)[n] for n, p in model.named_params()}
+    minblip_decay = {name for name, p, _ in twin.lavis_params(model) if decays[id(p)]}
+    t = twin.twin_of(model)
+    ids = {id(p) for p in twin.decay_groups(t, 0.05)[0]["params"]}
+    assert {name for name, p in t.named_parameters() if id(p) in ids} == minblip_decay
+
+
+def test_blip2_twin_comparison_can_fail():
+    twin = load_twin_module("torch_twin_blip2")
+    model, tok = twin.tiny_minblip(0, np.float64)
+    other = twin.Blip2Config(**{**model.cfg.__dict__, "label_smoothing": 0.0})
+    rows, _ = twin.compare_step(model, tok, twin_cfg=other)
+    failed = {r["name"] for r in rows if not twin.passes(r, "float64")}
+    assert {"loss_itc", "loss_itg", "temp", "Qformer.cls.predictions.bias"} <= failed
+    assert "loss_itm" not in failed
