@@ -50,7 +50,8 @@ class _Stepper:
         return logits[:, -1]
 
     def reorder(self, index):
-        """Keep rows ``index`` (beam search): the cache follows its beams."""
+        """Keep rows ``index`` (beam search): the cache follows its beams, and
+        the rows of images that stopped searching drop out."""
         self.image_kv = [(k[index], v[index]) for k, v in self.image_kv]
         if self.past is not None:
             self.past = [(k[index], v[index]) for k, v in self.past]
@@ -120,10 +121,8 @@ def generate(decoder, image_embeds, prompt_ids, *, sep_id: int, method: str = "b
     if method == "nucleus" and rng is None:
         raise ValueError("nucleus sampling needs an explicit rng")
     if method == "beam":
-        outs = [_beam_search(decoder, image_embeds[b:b + 1], prompt_ids, sep_id, max_length,
-                             min_length, num_beams, repetition_penalty, use_cache)
-                for b in range(image_embeds.shape[0])]
-        return Generation([o[0] for o in outs], np.array([o[1] for o in outs]))
+        return Generation(*_beam_search(decoder, image_embeds, prompt_ids, sep_id, max_length,
+                                        min_length, num_beams, repetition_penalty, use_cache))
     return _sample(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length,
                    method == "nucleus", top_p, repetition_penalty, rng, use_cache)
 
@@ -163,8 +162,9 @@ def _sample(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length, n
 
 def _beam_search(decoder, image_embeds, prompt_ids, sep_id, max_length, min_length,
                  num_beams, penalty, use_cache):
-    """Beam search for one image, following Hugging Face transformers 5
-    ``GenerationMixin._beam_search`` with length_penalty 1 and early_stopping False:
+    """Beam search for a batch of images, following Hugging Face transformers 5
+    ``GenerationMixin._beam_search`` with length_penalty 1 and early_stopping False.
+    Per image:
 
     * scores are sums of log-probabilities; the min-length block and the
       repetition penalty act on the log-probabilities (no renormalisation);
@@ -177,42 +177,66 @@ def _beam_search(decoder, image_embeds, prompt_ids, sep_id, max_length, min_leng
 
     (transformers 4.15, which salesforce/BLIP pinned, divided by the full length
     with the prompt and without [SEP]; the chosen captions rarely differ.)
+
+    Like HF, all images are searched together: row b * K + k of the decoder's
+    batch is beam k of image b, and each image's bookkeeping is one row of the
+    (images, beams) arrays below. Each image gets exactly the result it would
+    get alone. Returns the best hypothesis per image: (tokens list, scores (B,)).
     """
-    P = prompt_ids.size
-    embeds = np.repeat(image_embeds, num_beams, axis=0)
-    seqs = np.tile(prompt_ids, (num_beams, 1))
-    live = np.full(num_beams, -1e9)
-    live[0] = 0.0  # all beams start equal: keep one so the first step does not repeat
-    stepper = _Stepper(decoder, embeds, use_cache)
-    finished: list[tuple[float, np.ndarray]] = []  # (score, tokens after the prompt)
-    improvable = True
-    while seqs.shape[1] < max_length:
-        length = seqs.shape[1]
-        logp = log_softmax(stepper.next_logits(seqs).astype(np.float64))
+    B, K, P = image_embeds.shape[0], num_beams, prompt_ids.size
+    L = max_length - P  # the most tokens a hypothesis can hold
+    # one decoder call per step for all B * K rows: a call of only K rows is mostly overhead
+    stepper = _Stepper(decoder, np.repeat(image_embeds, K, axis=0), use_cache)
+    active = np.arange(B)  # (A,) the images still searching, A <= B
+    seqs = np.tile(prompt_ids, (B * K, 1))  # (A * K, t) live beams, image-major
+    live = np.full((B, K), -1e9)  # (A, K) live beams' scores
+    live[:, 0] = 0.0  # all beams start equal: keep one so the first step does not repeat
+    # finished hypotheses per image, best first; an empty slot scores -inf
+    hyp_scores = np.full((B, K), -np.inf)  # (B, K) sum(log p) / generated tokens
+    hyp_tokens = np.full((B, K, L), sep_id)  # (B, K, L) tokens after the prompt
+    hyp_lengths = np.zeros((B, K), dtype=np.int64)  # (B, K) how many of them count
+    while active.size:  # the step that reaches max_length ends every candidate
+        A, length = active.size, seqs.shape[1]
+        logp = log_softmax(stepper.next_logits(seqs).astype(np.float64))  # (A * K, V)
         logp = apply_repetition_penalty(logp, seqs, penalty)
         if length < min_length:
             logp[:, sep_id] = -np.inf
         V = logp.shape[1]
-        cand = (live[:, None] + logp).reshape(-1)  # (beams * V,)
-        top = np.argsort(-cand, kind="stable")[:2 * num_beams]
-        rows, tokens, scores = top // V, top % V, cand[top]
-        ends = (tokens == sep_id) | (length + 1 >= max_length)
-        if improvable:
-            for r in range(num_beams):
-                if ends[r] and np.isfinite(scores[r]):
-                    generated = seqs[rows[r], P:]
-                    if tokens[r] != sep_id:  # cut at max_length: the last token counts
-                        generated = np.append(generated, tokens[r])
-                    finished.append((scores[r] / (length + 1 - P), generated))
-            finished.sort(key=lambda f: -f[0])
-            finished = finished[:num_beams]
-        keep = np.argsort(-(scores - 1e9 * ends), kind="stable")[:num_beams]
-        seqs = np.concatenate([seqs[rows[keep]], tokens[keep][:, None]], axis=1)
-        live = scores[keep] - 1e9 * ends[keep]
-        stepper.reorder(rows[keep])
-        if len(finished) == num_beams:
-            improvable = improvable and live[0] / (seqs.shape[1] - P) > finished[-1][0]
-        if not improvable or ends.all():
-            break
-    score, tokens = finished[0]
-    return tokens, score
+        cand = (live.reshape(-1, 1) + logp).reshape(A, K * V)  # (A, K * V)
+        top = np.argsort(-cand, axis=1, kind="stable")[:, :2 * K]  # (A, 2K)
+        rows, tokens = top // V, top % V  # (A, 2K) beam within its image, next token
+        scores = np.take_along_axis(cand, top, axis=1)  # (A, 2K)
+        ends = (tokens == sep_id) | (length + 1 >= max_length)  # (A, 2K)
+
+        # the first K candidates that end become hypotheses; the best K of old and new stay
+        new_scores = np.where(ends[:, :K] & np.isfinite(scores[:, :K]),
+                              scores[:, :K] / (length + 1 - P), -np.inf)  # (A, K)
+        if np.isfinite(new_scores).any():  # most steps end nothing: skip the merge
+            parents = seqs.reshape(A, K, length)[np.arange(A)[:, None], rows[:, :K]]  # (A, K, t)
+            new_tokens = np.full((A, K, L), sep_id)  # (A, K, L)
+            new_tokens[:, :, :length - P] = parents[:, :, P:]
+            new_tokens[:, :, length - P] = tokens[:, :K]  # cut at max_length: last token counts
+            new_lengths = length + 1 - P - (tokens[:, :K] == sep_id)  # [SEP] is scored, not kept
+            merged = np.concatenate([hyp_scores[active], new_scores], axis=1)  # (A, 2K)
+            # stable sort: on equal scores older hypotheses, then candidates in rank order, first
+            best = np.argsort(-merged, axis=1, kind="stable")[:, :K]  # (A, K)
+            pick = (np.arange(A)[:, None], best)
+            hyp_scores[active] = merged[pick]
+            hyp_tokens[active] = np.concatenate([hyp_tokens[active], new_tokens], axis=1)[pick]
+            hyp_lengths[active] = np.concatenate([hyp_lengths[active], new_lengths], axis=1)[pick]
+
+        running = scores - 1e9 * ends  # (A, 2K) an ending candidate does not live on
+        keep = np.argsort(-running, axis=1, kind="stable")[:, :K]  # (A, K)
+        live = np.take_along_axis(running, keep, axis=1)  # (A, K), best first
+        parent_rows = np.arange(A)[:, None] * K + np.take_along_axis(rows, keep, axis=1)  # (A, K)
+        next_tokens = np.take_along_axis(tokens, keep, axis=1)  # (A, K)
+
+        worst = hyp_scores[active, -1]  # (A,) -inf until K hypotheses exist
+        improvable = ~np.isfinite(worst) | (live[:, 0] / (length + 1 - P) > worst)
+        going = improvable & ~ends.all(axis=1)  # (A,)
+        # an image that stops leaves the batch: its rows drop out of the cache with the reorder
+        index = parent_rows[going].reshape(-1)  # (A' * K,)
+        seqs = np.concatenate([seqs[index], next_tokens[going].reshape(-1, 1)], axis=1)
+        stepper.reorder(index)
+        active, live = active[going], live[going]
+    return [h[:n] for h, n in zip(hyp_tokens[:, 0], hyp_lengths[:, 0])], hyp_scores[:, 0]

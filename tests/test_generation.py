@@ -104,6 +104,31 @@ def test_beam_search_with_one_beam_never_beats_a_wider_search_on_its_own_score()
     assert np.all(wide.scores >= narrow.scores - 1e-12)
 
 
+BEAM_OPTIONS = [dict(num_beams=3, min_length=5, max_length=14),
+                dict(num_beams=1, min_length=0, max_length=10),
+                dict(num_beams=4, min_length=7, max_length=12, repetition_penalty=1.3),
+                dict(num_beams=2, min_length=0, max_length=16)]
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+@pytest.mark.parametrize("options", BEAM_OPTIONS)
+def test_batched_beam_search_gives_each_image_its_own_search(seed, options):
+    decoder, embeds = make_decoder(seed)
+    decoder.head.bias.data[SEP] += 3.0  # likely [SEP]: the images stop at different steps
+    embeds = np.concatenate([embeds, make_decoder(seed + 100)[1]])  # 6 images
+    kw = dict(sep_id=SEP, method="beam", **options)
+    batched = generate(decoder, embeds, PROMPT, **kw)
+    assert len({len(t) for t in batched.tokens}) > 1
+    for b in range(embeds.shape[0]):
+        alone = generate(decoder, embeds[b:b + 1], PROMPT, **kw)
+        np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
+        assert batched.scores[b] == pytest.approx(alone.scores[0], rel=1e-12)
+    uncached = generate(decoder, embeds, PROMPT, use_cache=False, **kw)
+    for a, b in zip(batched.tokens, uncached.tokens):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(batched.scores, uncached.scores, rtol=1e-10, atol=1e-12)
+
+
 def test_top_p_filter_keeps_the_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     kept = np.isfinite(top_p_filter(logits, 0.7))
