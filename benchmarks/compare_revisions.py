@@ -1,14 +1,17 @@
 """Before and after: the same workloads timed on two revisions of minblip.
 
-    python benchmarks/compare_revisions.py BEFORE [AFTER] [--rounds 6] [--steps 8]
+    python benchmarks/compare_revisions.py BEFORE [AFTER] [--steps 25]
 
 BEFORE and AFTER are git revisions (AFTER defaults to the working tree, with
 its uncommitted changes). Each revision's ``minblip/`` is exported into a
-temporary folder with ``git archive``; then worker processes, one BLAS thread
-each, alternate between the two trees (before, after, after, before, ...), each
-timing every workload for ``--steps`` runs after two warm-up runs. A speedup is
-the median over rounds of before-time / after-time of the two neighbouring
-workers of a round (they see the same machine load); quartiles beside it.
+temporary folder with ``git archive``, and one worker process (one BLAS
+thread) imports both, under the names ``minblip_before`` and
+``minblip_after`` (the package imports itself only relatively, so two copies
+live side by side). Each workload is built once per revision from the same
+seeds, and runs of the two alternate, one of each per round, the order rotated
+every round, after two untimed rounds. The speedup is the median over rounds
+of before-time / after-time within a round (neighbours in time see the same
+machine load), quartiles beside it.
 
 The workloads use only the public API that every revision since the training
 issue has, so older trees run them unchanged:
@@ -26,12 +29,11 @@ Like every script here it prints figures and asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import importlib
+import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -50,15 +52,27 @@ def export(rev: str | None, dest: Path) -> Path:
     return dest
 
 
-def build_workloads():
-    """{name: callable} on fixed inputs; imported inside the worker only."""
+def load_package(tree: Path, name: str):
+    """Import ``tree/minblip`` as the top-level package ``name``."""
+    spec = importlib.util.spec_from_file_location(
+        name, tree / "minblip" / "__init__.py", submodule_search_locations=[str(tree / "minblip")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def build_workloads(name: str) -> dict:
+    """{workload: callable} on fixed inputs, from the package imported as ``name``."""
     import numpy as np
-    from minblip import world
-    from minblip.blip2 import Stage1Config, Stage1Trainer
-    from minblip.generation import generate
-    from minblip.image import preprocess
-    from minblip.train import Trainer, TrainConfig
-    from minblip.vit import VisionTransformer
+
+    def mod(sub):
+        return importlib.import_module(f"{name}.{sub}")
+    world = mod("world")
+    Stage1Config, Stage1Trainer = mod("blip2").Stage1Config, mod("blip2").Stage1Trainer
+    generate, preprocess = mod("generation").generate, mod("image").preprocess
+    Trainer, TrainConfig = mod("train").Trainer, mod("train").TrainConfig
+    VisionTransformer = mod("vit").VisionTransformer
 
     trainer = Trainer(TrainConfig(n_train=256, n_val=8, n_test=8))
     batch = trainer.sample_batch()
@@ -90,29 +104,19 @@ def build_workloads():
 def worker(args) -> dict:
     common.check_worker_threads(1)
     import numpy as np
-    fns = build_workloads()
-    out = {}
+    fns = {}
+    for side, tree in zip(("before", "after"), args.trees):
+        load_package(Path(tree), f"minblip_{side}")
+        fns[side] = build_workloads(f"minblip_{side}")
+    out = {"load_average_start": common.load_average(), "workloads": {}}
     for name in args.workloads:
-        for _ in range(2):
-            fns[name]()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            fns[name]()
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times))
+        times = common.interleave({side: fns[side][name] for side in fns}, args.steps)
+        out["workloads"][name] = {
+            "before_ms": round(1e3 * float(np.median(times["before"])), 2),
+            "after_ms": round(1e3 * float(np.median(times["after"])), 2),
+            "speedup": common.paired_ratio(times["before"], times["after"])}
+    out["load_average_end"] = common.load_average()
     return out
-
-
-def run_tree(tree: Path, args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        env = common.thread_env(1)
-        env["PYTHONPATH"] = str(tree)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result",
-               str(result), "--steps", str(args.steps), "--workloads", *args.workloads]
-        subprocess.run(cmd, env=env, check=True, cwd=tmp)
-        return json.loads(result.read_text())
 
 
 def main(argv=None) -> int:
@@ -120,12 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("before", nargs="?", help="git revision measured first")
     p.add_argument("after", nargs="?", default=None,
                    help="git revision measured second (default: the working tree)")
-    p.add_argument("--rounds", type=int, default=6, help="pairs of worker processes")
-    p.add_argument("--steps", type=int, default=8, help="timed runs per workload and worker")
+    p.add_argument("--steps", type=int, default=25, help="timed rounds per workload")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--json", metavar="PATH", help="also write the figures to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help=argparse.SUPPRESS)
+    p.add_argument("--trees", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         common.write_result(args.result, worker(args))
@@ -134,30 +139,21 @@ def main(argv=None) -> int:
         p.error("give the revision to compare against, e.g. HEAD")
 
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"before": export(args.before, Path(tmp) / "before"),
-                 "after": export(args.after, Path(tmp) / "after")}
-        runs = {"before": [], "after": []}
-        load_start = common.load_average()
-        for r in range(args.rounds):
-            order = ("before", "after") if r % 2 == 0 else ("after", "before")
-            for side in order:
-                runs[side].append(run_tree(trees[side], args))
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        trees = [export(rev, Path(tmp) / side)
+                 for rev, side in ((args.before, "before"), (args.after, "after"))]
+        r = common.run_worker("compare_revisions.py", 1,
+                              ["--trees", *map(str, trees), "--steps", str(args.steps),
+                               "--workloads", *args.workloads])
+    if "error" in r:
+        print(f"failed: {r['error']}")
+        return 1
     result = {"before": args.before, "after": args.after or "working tree",
-              "rounds": args.rounds, "steps": args.steps, "threads": 1,
-              "load_average": [load_start, common.load_average()], "workloads": {}}
-    print(f"\n{'workload':<16} {'before ms':>10} {'after ms':>10} {'speedup':>8}  quartiles")
-    for name in args.workloads:
-        before = [run[name] for run in runs["before"]]
-        after = [run[name] for run in runs["after"]]
-        ratio = common.paired_ratio(before, after)
-        result["workloads"][name] = {"before_ms": round(1e3 * statistics.median(before), 2),
-                                     "after_ms": round(1e3 * statistics.median(after), 2),
-                                     "speedup": ratio}
-        w = result["workloads"][name]
+              "steps": args.steps, "threads": 1, **r}
+    print(f"{'workload':<16} {'before ms':>10} {'after ms':>10} {'speedup':>8}  quartiles")
+    for name, w in r["workloads"].items():
         print(f"{name:<16} {w['before_ms']:>10.1f} {w['after_ms']:>10.1f} "
-              f"{ratio['median']:>8.2f}  {ratio['quartiles']}")
-    print(f"load average {result['load_average'][0]} -> {result['load_average'][1]}")
+              f"{w['speedup']['median']:>8.2f}  {w['speedup']['quartiles']}")
+    print(f"load average {r['load_average_start']} -> {r['load_average_end']}")
     common.write_result(args.json, result)
     return 0
 
