@@ -254,7 +254,13 @@ def itc_max_forward(image_feats, text_feat, temp: Param, label_smoothing: float 
 
 def itc_max_backward(dloss: float, cache, temp: Param):
     """-> (d image_feats (B, Q, E), d text_feat (B, E)); adds d temp into temp.grad.
-    Only the winning query of each (image, text) pair receives gradient."""
+    Only the winning query of each (image, text) pair receives gradient.
+
+    ``cache["loss"]`` holds image_feats (B, Q, E), text_feat (B, E), best (B, B)
+    (the winning query of pair (image b, text c)), sim (B, B) the maxima before
+    the temperature, t (a float), the CrossEntropyLoss ce and its two caches
+    (image-to-text over the rows of S / t, text-to-image over the rows of S^T / t)."""
+    ### BEGIN SOLUTION
     image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
     B = sim.shape[0]
     # undoes loss = (CE(S / t) + CE(S^T / t)) / 2; the second term read S transposed
@@ -269,6 +275,7 @@ def itc_max_backward(dloss: float, cache, temp: Param):
     # one query can win for several texts, so scatter-add
     np.add.at(d_image, (rows, best), dsim[..., None] * text_feat[None, :, :])
     return d_image, d_text
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------

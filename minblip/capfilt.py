@@ -279,7 +279,9 @@ def keep_mask(p_match, threshold: float = 0.5) -> np.ndarray:
     if p.ndim != 1 or np.any((p < 0) | (p > 1)) or np.any(np.isnan(p)):
         raise ValueError(f"p_match must be probabilities in [0, 1] of shape (N,), "
                          f"got shape {p.shape}")
+    ### BEGIN SOLUTION
     return p > threshold
+    ### END SOLUTION
 
 
 def bootstrap_captions(web_texts, synthetic_texts, p_web, p_synthetic, threshold: float = 0.5,
@@ -295,6 +297,7 @@ def bootstrap_captions(web_texts, synthetic_texts, p_web, p_synthetic, threshold
         raise ValueError(f"web_texts, synthetic_texts, p_web and p_synthetic need one entry per "
                          f"web image; got lengths {n}, {len(synthetic_texts)}, {len(p_web)}, "
                          f"{len(p_synthetic)}")
+    ### BEGIN SOLUTION
     keep_web = keep_mask(p_web, threshold) if use_filter else np.ones(n, bool)
     keep_syn = keep_mask(p_synthetic, threshold) if use_filter else np.ones(n, bool)
     out = []
@@ -304,6 +307,7 @@ def bootstrap_captions(web_texts, synthetic_texts, p_web, p_synthetic, threshold
             texts.append(synthetic_texts[i])
         out.append(texts)
     return out
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------

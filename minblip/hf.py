@@ -404,6 +404,24 @@ def _layer_norm(prefix, ln, mname):
             _copy(prefix + ".bias", ln.beta, mname + ".beta")]
 
 
+def fused_qkv_to_hf(weights):
+    """minblip's ViT attention weights [Wq, Wk, Wv], each (D, D) in the (d_in, d_out)
+    layout of ``Linear.W`` -> Hugging Face's fused ``qkv.weight`` (3D, D), an
+    ``nn.Linear`` weight (d_out, d_in) whose rows [0, D) make q, [D, 2D) k and
+    [2D, 3D) v (``BlipAttention``: ``qkv(x).reshape(B, T, 3, H, dh)``)."""
+    ### BEGIN SOLUTION
+    return np.concatenate([w.T for w in weights], axis=0)
+    ### END SOLUTION
+
+
+def fused_qkv_from_hf(weight):
+    """Hugging Face's fused ``qkv.weight`` (3D, D) -> [Wq, Wk, Wv], each (D, D) in
+    minblip's (d_in, d_out) layout; the inverse of :func:`fused_qkv_to_hf`."""
+    ### BEGIN SOLUTION
+    return [w.T for w in np.split(weight, 3, axis=0)]
+    ### END SOLUTION
+
+
 def _vit_tensors(vit, prefix="vision_model", mprefix="visual_encoder") -> list[HFTensor]:
     """``BlipVisionModel`` <-> :class:`minblip.vit.VisionTransformer`."""
     D = vit.config.width
@@ -425,11 +443,9 @@ def _vit_tensors(vit, prefix="vision_model", mprefix="visual_encoder") -> list[H
         qkv = (att.query, att.key, att.value)
         mnames = tuple(f"{mp}.attn.{n}" for n in ("query", "key", "value"))
         out += [
-            # the fused qkv Linear: rows [0, D) are q, [D, 2D) k, [2D, 3D) v
             HFTensor(f"{hp}.self_attn.qkv.weight", tuple(lin.W for lin in qkv),
                      tuple(n + ".W" for n in mnames),
-                     lambda a: np.concatenate([w.T for w in a], axis=0),
-                     lambda t: [w.T for w in np.split(t, 3, axis=0)]),
+                     fused_qkv_to_hf, fused_qkv_from_hf),
             HFTensor(f"{hp}.self_attn.qkv.bias", tuple(lin.b for lin in qkv),
                      tuple(n + ".b" for n in mnames),
                      lambda a: np.concatenate(a), lambda t: np.split(t, 3)),

@@ -481,10 +481,12 @@ def causal_lm_targets(ids, attention_mask, n_prefix: int = 0, prompt_length: int
     """
     ids = np.asarray(ids)
     mask = np.asarray(attention_mask)
+    ### BEGIN SOLUTION
     targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
     targets[:, :prompt_length] = IGNORE_INDEX
     ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
     return np.concatenate([ignore, targets], axis=1)
+    ### END SOLUTION
 
 
 def lm_step(lm: LanguageModel, ids, attention_mask, prefix_embeds=None, prompt_length: int = 0,

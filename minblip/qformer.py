@@ -132,6 +132,8 @@ def qformer_mask(mode: str, num_queries: int, text_mask=None):
             raise ValueError(f"text mask: expected a (B, T) array of 0/1, got shape "
                              f"{text_mask.shape} with values {np.unique(text_mask)[:5].tolist()}")
         valid = text_mask.astype(bool)
+    # valid (B, T) bool: True at the real text tokens
+    ### BEGIN SOLUTION
     B, T = valid.shape
     key_ok = np.concatenate([np.ones((B, Q), dtype=bool), valid], axis=1)  # (B, Q+T)
     mask = np.repeat(key_ok[:, None, :], Q + T, axis=1)  # (B, Q+T, Q+T): padding columns off
@@ -143,6 +145,7 @@ def qformer_mask(mode: str, num_queries: int, text_mask=None):
         # query rows see query columns; text rows see query columns and text j <= i
         mask &= is_query[None, :] | (~is_query[:, None] & (i[None, :] <= i[:, None]))
     return mask
+    ### END SOLUTION
 
 
 # ---------------------------------------------------------------------------

@@ -441,3 +441,81 @@ r = check_layer(QFormer(big, np.random.default_rng(11)), *cases["itg"],
 #    with LAVIS's cache (queries once for ITC, text once for ITG) and with the dense pass
 #    (queries twice). Then time `QFormer.forward` in both ways for $Q$ = 32 and $T$ = 32
 #    at width 64. When is the saving worth a backward through the cache?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 9.1,9.2` runs the same checks with pytest).
+#
+# ### Exercise 9.1 · The Q-Former's three masks
+#
+# **Goal.** Write the body of `qformer_mask(mode, num_queries, text_mask)` in
+# `minblip/qformer.py`: the boolean $(B, Q+T, Q+T)$ self-attention mask of one Q-Former
+# use, entry $(i, j)$ `True` when position $i$ may attend to position $j$. Positions
+# $0..Q-1$ are the queries, $Q..Q+T-1$ the text; `valid` $(B, T)$ says which text
+# positions are real tokens. The five modes are in the table of the module docstring:
+# "queries", "text" and "itc" keep queries and text apart, "itm" lets everything see
+# everything, "itg" is the multimodal causal mask of section 6.
+#
+# **Hints.** Start from the padding: a padded *key* is never attended to, but a padded
+# row still attends to the real keys (a row with nothing to attend to would make the
+# softmax divide by zero). Build a column mask `key_ok` $(B, Q+T)$ (queries are never
+# padding), repeat it over the rows, then `&=` a block pattern made from
+# `is_query = np.arange(Q + T) < Q` by broadcasting a column against a row. For ITG,
+# `i[None, :] <= i[:, None]` is "key $j$ at or before row $i$". Draw the three pictures
+# of section 6 with your function: they must not change.
+
+# %% nbgrader={"grade": true, "grade_id": "ex9_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+text_mask = np.array([[1, 1, 1, 0]])  # three tokens and one [PAD]
+expected = {"itc": ["110000", "110000", "001110", "001110", "001110", "001110"],
+            "itm": ["111110"] * 6,
+            "itg": ["110000", "110000", "111000", "111100", "111110", "111110"]}
+for mode, rows in expected.items():
+    m = qformer_mask(mode, 2, text_mask)[0]
+    print(f"{mode}:", " ".join("".join(str(int(x)) for x in row) for row in m))
+    assert m.tolist() == [[c == "1" for c in row] for row in rows], mode
+print("text mode:", qformer_mask("text", 0, text_mask)[0].astype(int).tolist())
+
+# %% [markdown]
+# ### Exercise 9.2 · The learned queries' gradient
+#
+# **Goal.** Write `queries_and_text_backward(dx, num_queries)`. The forward was the
+# input of the embeddings' LayerNorm, $x = \mathrm{cat}(\mathrm{broadcast}(Z), \text{text})$
+# with the learned queries $Z$ of shape $(1, Q, D)$ broadcast to $(B, Q, D)$ and the text
+# embeddings $(B, T, D)$; given $\bar x$ $(B, Q+T, D)$, return $(\bar Z, \overline{\text{text}})$
+# with the shapes of $Z$ and of the text.
+#
+# **Hints.** Section 3: the backward of a broadcast is a sum over the axis that was
+# broadcast, and the result must keep $Z$'s shape `(1, Q, D)` (`keepdims`). The backward
+# of a concatenation is a split.
+
+# %% nbgrader={"grade": false, "grade_id": "ex9_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def queries_and_text_backward(dx, num_queries):
+    """x = cat(broadcast_to(Z, (B, Q, D)), text): dx (B, Q+T, D) -> (dZ (1, Q, D), dtext (B, T, D))."""
+    ### BEGIN SOLUTION
+    dZ = dx[:, :num_queries].sum(axis=0, keepdims=True)  # every image added its opinion on Z
+    dtext = dx[:, num_queries:]  # undoes the concatenation: the text part
+    return dZ, dtext
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex9_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(92)
+Z = Param(rng.standard_normal((1, 3, 4)), dtype=np.float64)
+text_emb = Param(rng.standard_normal((2, 5, 4)), dtype=np.float64)
+R = rng.standard_normal((2, 8, 4))
+
+
+def embedding_input_loss(backward):
+    x = np.concatenate([np.broadcast_to(Z.data, (2, 3, 4)), text_emb.data], axis=1)
+    if backward:
+        dZ, dtext = queries_and_text_backward(R, 3)
+        Z.grad += dZ
+        text_emb.grad += dtext
+    return float(np.sum(x * R))
+
+
+print(gradcheck(embedding_input_loss, {"query_tokens": Z, "text": text_emb}))

@@ -437,3 +437,101 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 # 4. **Where does ITG's gradient go?** Train with `loss_weights=(0, 0, 1)` for 100 steps
 #    and record the norm of `query_tokens.grad` and of the cross-attention gradients per
 #    step. Explain why they are not zero although the text never cross-attends.
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 10.1,10.2` runs the same checks with pytest).
+#
+# ### Exercise 10.1 · ITC with a maximum over the queries: the backward
+#
+# **Goal.** Write the body of `itc_max_backward(dloss, cache, temp)` in
+# `minblip/blip2.py`: from the cache of `itc_max_forward`, return the gradients of the
+# image features $(B, Q, E)$ and the text features $(B, E)$, and add the temperature's
+# gradient into `temp.grad`.
+#
+# **Hints.** Section 4 derives it. The cross-entropy's own backward gives the gradient of
+# each direction's logits; the text-to-image direction read $S^\top$, so transpose its
+# gradient before adding the two. Then undo the division by $\tau$ (for both $S$ and
+# $\tau$), and route $\bar S_{bc}$ to query `best[b, c]` of image $b$ only. A query may win
+# for several texts: the check below has two queries and four texts, so in every image
+# some query wins at least twice. Which NumPy function adds correctly when an index
+# repeats?
+
+# %% nbgrader={"grade": true, "grade_id": "ex10_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+rng = np.random.default_rng(100)
+v_check = Param(rng.standard_normal((4, 2, 3)), dtype=np.float64)  # 4 images, 2 queries
+t_check = Param(rng.standard_normal((4, 3)), dtype=np.float64)
+temp_check = Param(0.3, dtype=np.float64)
+
+
+def itc_check_loss(backward):
+    loss, cache = itc_max_forward(v_check.data, t_check.data, temp_check)
+    if backward:
+        dv, dt = itc_max_backward(1.0, cache, temp_check)
+        v_check.grad += dv
+        t_check.grad += dt
+    return loss
+
+
+print(gradcheck(itc_check_loss, {"image_feats": v_check, "text_feat": t_check,
+                                 "temp": temp_check}, n_coords=24))
+
+# %% [markdown]
+# ### Exercise 10.2 · ITG inputs and targets
+#
+# **Goal.** Write `itg_inputs(ids, mask, dec_id)`: from the tokenizer's ids
+# `[CLS] w1 .. wn [SEP] [PAD]..` $(B, T)$ and their 0/1 mask, return the decoder's input
+# `dec_ids` (the same ids with `[DEC]` in place of `[CLS]`) and `targets` $(B, T)$, where
+# `targets[:, t]` is the token that position $t$ is trained to predict, $-100$ where there
+# is none. The check compares your targets with the ITG loss of `stage1_step`.
+#
+# **Hints.** `stage1_step` still needs the original `ids` for ITC and ITM: do not change
+# them (`.copy()`). Position $t$ predicts token $t+1$; padding is never a target, and the
+# last position has no next token. `stage1_step` does the shift by pairing
+# `logits[:, :-1]` with `labels[:, 1:]`; here you put it into the targets instead.
+
+# %% nbgrader={"grade": false, "grade_id": "ex10_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def itg_inputs(ids, mask, dec_id):
+    """ids (B, T) "[CLS] w1 .. wn [SEP] [PAD]..", mask (B, T) of 0/1, the [DEC] id ->
+    (dec_ids (B, T), targets (B, T)); targets[:, t] is the token after position t, or -100."""
+    ### BEGIN SOLUTION
+    dec_ids = ids.copy()
+    dec_ids[:, 0] = dec_id  # on a copy: ITC and ITM still read [CLS]
+    labels = np.where(mask.astype(bool), dec_ids, -100)  # padding is never a target
+    targets = np.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1; the last predicts nothing
+    return dec_ids, targets
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex10_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.softmax import CrossEntropyLoss
+
+ids_check = np.array([[2, 7, 8, 9, 3, 0], [2, 7, 3, 0, 0, 0]])  # [CLS]=2 [SEP]=3 [PAD]=0
+mask_check = (ids_check != 0).astype(int)
+dec_check, targets_check = itg_inputs(ids_check, mask_check, dec_id=4)
+print("dec_ids:\n", dec_check, "\ntargets:\n", targets_check)
+assert ids_check[0, 0] == 2, "itg_inputs changed the ids it was given"
+assert dec_check.tolist() == [[4, 7, 8, 9, 3, 0], [4, 7, 3, 0, 0, 0]]
+assert targets_check.tolist() == [[7, 8, 9, 3, -100, -100], [7, 3, -100, -100, -100, -100]]
+
+# the ITG loss of stage1_step equals the cross-entropy of the logits against your targets
+check_cfg = Blip2Config(qformer=QFormerConfig(vocab_size=12, width=8, depth=1, heads=2, mlp_dim=12,
+                                              num_queries=2, encoder_width=6, max_positions=8,
+                                              init_std=0.4),
+                        vision=ViTConfig(image_size=8, patch_size=4, width=6, depth=1, heads=2,
+                                         mlp_dim=12), embed_dim=5)
+check_model = Blip2Stage1(check_cfg, np.random.default_rng(102)).to(np.float64)
+check_images = np.random.default_rng(103).standard_normal((2, 3, 8, 8))
+step_itg = stage1_step(check_model, check_images, ids_check, mask_check, dec_id=4,
+                       weights=(0.0, 0.0, 1.0), backward=False).losses["itg"]
+h_check, _ = check_model.qformer.forward(check_model.image_embeds(check_images), dec_check,
+                                         mask_check, mode="itg")
+logits_check, _ = check_model.lm_head.forward(h_check[:, 2:])  # the text rows
+mine, _ = CrossEntropyLoss(label_smoothing=0.1).forward(logits_check, targets_check)
+print(f"ITG loss of stage1_step {step_itg:.12f}, from your targets {mine:.12f}")
+assert abs(step_itg - mine) < 1e-12

@@ -507,3 +507,91 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s "
 #    tokens are labelled $-100$, like LAVIS's "a photo of" for COCO) and caption with
 #    `prompt="a picture of"`. The LM never saw this phrase before a caption in its
 #    pretraining: what happens to the captions and the accuracy?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 11.1,11.2` runs the same checks with pytest).
+#
+# ### Exercise 11.1 · Masking the soft prompt out of the LM loss
+#
+# **Goal.** Write the body of `causal_lm_targets(ids, attention_mask, n_prefix,
+# prompt_length)` in `minblip/lm.py`: the labels $(B, P+T)$ of the whole sequence
+# `[soft prompt | text]`, as `blip2_opt.py` builds them. The text's labels are its ids,
+# with $-100$ (`IGNORE_INDEX`) at padding and at the first `prompt_length` text tokens;
+# the $P$ = `n_prefix` soft-prompt positions are all $-100$ and come first.
+#
+# **Hints.** Section 6 prints these targets for a real batch. `prompt_length` counts the
+# BOS token `[CLS]`, as LAVIS counts it; with the empty pre-training prompt it is 0 and
+# `[CLS]` itself is a target (of the last query position). The labels are not shifted
+# here: the loss pairs `logits[:, :-1]` with `targets[:, 1:]`. Return int64.
+
+# %% nbgrader={"grade": true, "grade_id": "ex11_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.lm import causal_lm_targets
+
+ids_check = np.array([[2, 5, 6, 7, 3, 0], [2, 8, 3, 0, 0, 0]])  # [CLS] words [SEP] [PAD]..
+mask_check = (ids_check != 0).astype(int)
+I = -100
+got = causal_lm_targets(ids_check, mask_check, n_prefix=3, prompt_length=2)
+print(got)
+assert got.dtype == np.int64
+assert got.tolist() == [[I, I, I, I, I, 6, 7, 3, I], [I, I, I, I, I, 3, I, I, I]]
+assert causal_lm_targets(ids_check, mask_check, n_prefix=2).tolist() == [
+    [I, I, 2, 5, 6, 7, 3, I], [I, I, 2, 8, 3, I, I, I]]
+
+# %% [markdown]
+# ### Exercise 11.2 · The soft prompt's projection backward
+#
+# **Goal.** Write `soft_prompt_backward(dx, q, W)`. The forward projected the $Q$ query
+# outputs `q` $(B, Q, D_q)$ to the LM's width and put them in front of the token
+# embeddings:
+#
+# $$P = qW + b\ \ (B, Q, D),\qquad x = \mathrm{cat}(P,\ \text{tokens})\ \ (B, Q+T, D).$$
+#
+# Given $\bar x$ (what the frozen LM's input-only backward returns), return
+# $(\bar q, \bar W, \bar b)$ with the shapes of `q`, `W` $(D_q, D)$ and `b` $(D,)$. The
+# token embeddings come from the LM's frozen table: their gradient is dropped.
+#
+# **Hints.** Section 7, step 2: split $\bar x$ first. $\bar W$ sums over every image and
+# every query, so fold $(B, Q)$ into one axis of length $N = BQ$ before the matrix
+# product; $\bar b$ sums over the same $N$ positions.
+
+# %% nbgrader={"grade": false, "grade_id": "ex11_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def soft_prompt_backward(dx, q, W):
+    """x = cat(q @ W + b, tokens): dx (B, Q+T, D), q (B, Q, Dq), W (Dq, D) ->
+    (dq (B, Q, Dq), dW (Dq, D), db (D,))."""
+    ### BEGIN SOLUTION
+    Q, Dq = q.shape[1], q.shape[2]
+    dprompt = dx[:, :Q]  # undoes the concatenation; the token part would reach a frozen table
+    dW = q.reshape(-1, Dq).T @ dprompt.reshape(-1, dprompt.shape[-1])  # (Dq, N) @ (N, D)
+    db = dprompt.sum(axis=(0, 1))  # b was broadcast over all N = B*Q prompt positions
+    dq = dprompt @ W.T  # (B, Q, D) @ (D, Dq) -> (B, Q, Dq)
+    return dq, dW, db
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex11_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip import Param
+
+rng = np.random.default_rng(112)
+q_p = Param(rng.standard_normal((2, 3, 4)), dtype=np.float64)  # 2 images, 3 queries, Dq = 4
+W_p = Param(rng.standard_normal((4, 5)), dtype=np.float64)  # LM width 5
+b_p = Param(rng.standard_normal(5), dtype=np.float64)
+tokens = rng.standard_normal((2, 4, 5))  # frozen token embeddings of 4 text positions
+R = rng.standard_normal((2, 7, 5))
+
+
+def prompt_loss(backward):
+    x = np.concatenate([q_p.data @ W_p.data + b_p.data, tokens], axis=1)
+    if backward:
+        dq, dW, db = soft_prompt_backward(R, q_p.data, W_p.data)
+        q_p.grad += dq
+        W_p.grad += dW
+        b_p.grad += db
+    return float(np.sum(x * R))
+
+
+print(gradcheck(prompt_loss, {"q": q_p, "W": W_p, "b": b_p}))

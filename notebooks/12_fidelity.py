@@ -369,3 +369,35 @@ plt.show()
 # 4. **Memory.** `hf.read_safetensors` copies every tensor into memory. Rewrite it
 #    with `np.memmap` so a 900 MB BLIP-base file is not read twice, and measure the
 #    peak memory of `python -m minblip caption --from-pretrained` before and after.
+
+# %% [markdown]
+# ## Graded exercise
+#
+# This one comes with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) its solution is replaced by a stub that
+# raises `NotImplementedError`; the check cell after it passes once your code is right
+# (`python -m minblip.exercises check 12.1` runs the same checks with pytest).
+#
+# ### Exercise 12.1 · The fused qkv weight of a Hugging Face ViT
+#
+# **Goal.** Write the bodies of `fused_qkv_to_hf(weights)` and
+# `fused_qkv_from_hf(weight)` in `minblip/hf.py`: the map between minblip's three
+# attention weights $[W_q, W_k, W_v]$, each $(D, D)$ stored $(d_\text{in}, d_\text{out})$,
+# and Hugging Face's fused `qkv.weight` $(3D, D)$, one `nn.Linear` weight stored
+# $(d_\text{out}, d_\text{in})$. `hf_tensors` uses the pair for every ViT layer, to
+# load checkpoints and to save them.
+#
+# **Hints.** Section 3: the fused layer's output is `x @ weight.T`, whose first $D$
+# columns are q, the next $D$ k, the last $D$ v. Which axis of `weight` holds the
+# outputs? Every block is square, so a missing transpose gives the right shapes and the
+# wrong numbers: the check compares numbers.
+
+# %% nbgrader={"grade": true, "grade_id": "ex12_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+x_check = np.random.default_rng(121).standard_normal((5, 16)).astype(np.float32)
+w_q, w_k, w_v = hf.fused_qkv_from_hf(qkv_w)  # the saved layer 0 of section 3
+print("from_hf:", qkv_w.shape, "->", [w.shape for w in (w_q, w_k, w_v)])
+for name, w, part in zip("qkv", (w_q, w_k, w_v), np.split(x_check @ qkv_w.T, 3, axis=-1)):
+    assert np.allclose(x_check @ w, part, rtol=1e-5, atol=1e-5), f"W{name} does not compute {name}"
+back = hf.fused_qkv_to_hf([att.query.W.data, att.key.W.data, att.value.W.data])
+print("to_hf:", back.shape, "| equals the saved tensor:", np.array_equal(back, qkv_w))
+assert np.array_equal(back, qkv_w)

@@ -412,3 +412,70 @@ print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")
 # 4. **One kind at a time.** Make web sets with `noise_kinds=("attribute",)` and with
 #    `("filler",)` (`CapFiltConfig`) and compare the filter's recall. Explain the
 #    difference with what the ITM head must look at in each case.
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 13.1,13.2` runs the same checks with pytest).
+#
+# ### Exercise 13.1 · The CapFilt filter decision
+#
+# **Goal.** Write the bodies of `keep_mask(p_match, threshold)` and
+# `bootstrap_captions(web_texts, synthetic_texts, p_web, p_synthetic, threshold,
+# use_captioner, use_filter)` in `minblip/capfilt.py`. The filter keeps a text when
+# the ITM head says it matches, $p > $ `threshold`, and judges web and synthetic texts by
+# the same rule. Each web image then keeps its web text (if kept) followed by its
+# synthetic text (with the captioner, if kept): 0, 1 or 2 texts. The two flags give the
+# four settings of BLIP's Table 1 (section 9): without the filter nothing is removed,
+# without the captioner there is no synthetic text.
+#
+# **Hints.** A probability of exactly 0.5 is *not* a match. `keep_mask` returns a bool
+# array; let `bootstrap_captions` call it for both kinds of text, with the threshold it
+# was given.
+
+# %% nbgrader={"grade": true, "grade_id": "ex13_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+print(capfilt.keep_mask(np.array([0.2, 0.5, 0.5000001, 0.9])))
+assert capfilt.keep_mask(np.array([0.2, 0.5, 0.5000001, 0.9])).tolist() == [False, False, True, True]
+web_check, syn_check = ["w0", "w1", "w2"], ["s0", "s1", "s2"]
+p_web_check, p_syn_check = [0.9, 0.3, 0.6], [0.2, 0.7, 0.5]
+expected = {(True, True): [["w0"], ["s1"], ["w2"]],
+            (True, False): [["w0", "s0"], ["w1", "s1"], ["w2", "s2"]],
+            (False, True): [["w0"], [], ["w2"]],
+            (False, False): [["w0"], ["w1"], ["w2"]]}
+for (captioner, filt_on), texts in expected.items():
+    got = capfilt.bootstrap_captions(web_check, syn_check, p_web_check, p_syn_check,
+                                     use_captioner=captioner, use_filter=filt_on)
+    print(f"captioner {captioner!s:5} filter {filt_on!s:5}: {got}")
+    assert got == texts
+
+# %% [markdown]
+# ### Exercise 13.2 · p(match) from the ITM logits, stably
+#
+# **Goal.** Write `match_probability_from_logits(logits)`: the ITM head's logits
+# $(N, 2)$ (column 0 "no match", column 1 "match") to $p_{\text{itm}}$ $(N,)$, the number
+# section 6 computes with `softmax(logits)[:, 1]`. It must stay finite for any finite
+# logits, however large.
+#
+# **Hints.** $e^{1000}$ overflows to `inf`, and `inf / inf` is `nan`. A softmax does not
+# change when the same number is subtracted from every logit of a row. Which axis is a
+# row here?
+
+# %% nbgrader={"grade": false, "grade_id": "ex13_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def match_probability_from_logits(logits):
+    """ITM logits (N, 2), columns ("no match", "match") -> p(match) (N,)."""
+    ### BEGIN SOLUTION
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))  # the largest exponent is 0
+    return e[:, 1] / e.sum(axis=1)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex13_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+z = np.random.default_rng(132).standard_normal((6, 2)) * 3
+assert np.allclose(match_probability_from_logits(z), softmax(z)[:, 1], rtol=1e-12, atol=0)
+extreme = np.array([[1000.0, 0.0], [0.0, 1000.0], [-1000.0, -1000.0], [800.0, 801.0]])
+p_extreme = match_probability_from_logits(extreme)
+print("p(match) of extreme logits:", p_extreme)
+assert np.allclose(p_extreme, [0.0, 1.0, 0.5, 1 / (1 + np.exp(-1.0))], rtol=1e-12, atol=1e-300)

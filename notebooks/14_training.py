@@ -655,3 +655,80 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #    200 steps. Then keep 0.02 and raise the learning rate instead: can a larger step
 #    size replace a larger initialisation, and why (or why not), given the gradient
 #    formula of section 3.3?
+
+# %% [markdown]
+# ## Graded exercises
+#
+# These come with checks. In the student version of the project
+# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
+# stub that raises `NotImplementedError`; the check cell after it passes once your code is
+# right (`python -m minblip.exercises check 14.1,14.2` runs the same checks with pytest).
+#
+# ### Exercise 14.1 · Linear warmup, then cosine decay
+#
+# **Goal.** Write the end of `warmup_cosine_lr(step, total_steps, base_lr, warmup_steps,
+# min_lr, warmup_start_lr)` in `minblip/optim.py` (the input checks are already there):
+# the learning rate at `step`, counted from 0, of section 3.1's schedule.
+#
+# **Hints.** The docstring has the formula. During the warmup the rate rises linearly from
+# `warmup_start_lr` at step 0 and would reach `base_lr` at step `warmup_steps`, which is
+# where the cosine takes over, so the curve has no jump. The cosine runs over the
+# `total_steps - warmup_steps` steps that remain and ends at `min_lr`, not at zero.
+
+# %% nbgrader={"grade": true, "grade_id": "ex14_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.optim import warmup_cosine_lr
+
+for step, expect in ((0, 0.1), (5, 0.55), (10, 1.0), (60, 0.6), (110, 0.2)):
+    got = warmup_cosine_lr(step, 110, 1.0, 10, min_lr=0.2, warmup_start_lr=0.1)
+    print(f"step {step:3d}: lr {got:.4f} (expected {expect})")
+    assert math.isclose(got, expect, rel_tol=1e-12)
+
+# %% [markdown]
+# ### Exercise 14.2 · AdamW's decoupled weight decay
+#
+# **Goal.** Write `adamw_update(p, g, m, v, t, lr, betas, eps, weight_decay)`: one AdamW
+# step on one array, in place. `p` is the weight, `g` its gradient, `m` and `v` the two
+# moment estimates (updated in place too), `t` the step number counted from 1. The check
+# runs five steps of your function next to `minblip.optim.AdamW` on the same numbers.
+#
+# **Hints.** Section 3.2 and the docstring of `AdamW`. Decoupled means the decay shrinks
+# the weight, $p \leftarrow p(1 - \eta\lambda)$, and never enters $m$ and $v$ (adding
+# $\lambda p$ to the gradient instead is Adam with L2 regularisation, a different
+# optimiser). Then $m \leftarrow \beta_1 m + (1-\beta_1) g$,
+# $v \leftarrow \beta_2 v + (1-\beta_2) g^2$ and
+# $p \leftarrow p - \eta\,\hat m / (\sqrt{\hat v} + \epsilon)$ with the bias-corrected
+# $\hat m = m / (1-\beta_1^t)$, $\hat v = v / (1-\beta_2^t)$. In place: write into the
+# arrays (`m[...] = ...`, `p -= ...`), do not rebind the names.
+
+# %% nbgrader={"grade": false, "grade_id": "ex14_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def adamw_update(p, g, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05):
+    """One AdamW step on the arrays p, m, v, in place; g the gradient of p, t = 1, 2, ..."""
+    ### BEGIN SOLUTION
+    beta1, beta2 = betas
+    p *= 1.0 - lr * weight_decay  # decoupled: the decay never passes through m and v
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * g * g
+    m_hat = m / (1.0 - beta1 ** t)  # m and v start at zero: undo their pull towards it
+    v_hat = v / (1.0 - beta2 ** t)
+    p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex14_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from minblip.core import Param
+from minblip.optim import AdamW
+
+rng = np.random.default_rng(142)
+w_ref = Param(rng.standard_normal((3, 4)), dtype=np.float64)
+opt = AdamW([("w", w_ref)], lr=0.1, weight_decay=0.2)
+w_mine = w_ref.data.copy()
+m_mine, v_mine = np.zeros_like(w_mine), np.zeros_like(w_mine)
+for t in range(1, 6):
+    g = rng.standard_normal((3, 4)) * t  # growing gradients: the moments and the decay matter
+    lr = 0.1 / t
+    w_ref.grad[...] = g
+    opt.step(lr=lr)
+    adamw_update(w_mine, g, m_mine, v_mine, t, lr, weight_decay=0.2)
+    err = np.abs(w_mine - w_ref.data).max()
+    print(f"step {t}: max |yours - AdamW| = {err:.1e}")
+    assert np.allclose(w_mine, w_ref.data, rtol=1e-12, atol=1e-14)

@@ -354,4 +354,337 @@ y_dec, c_dec = ffn.forward(x_dec)
 loss = float(np.sum(y_enc * R_enc) + np.sum(y_dec * R_dec))
 return loss, np.zeros_like(x_enc), ffn.backward(R_dec, c_dec)
 """),
+    # 9.1 the Q-Former's three masks
+    ("9.1", "minblip/qformer.py::qformer_mask",
+     "ITG causal over the whole sequence: a query sees only the queries before it", """
+B, T = valid.shape
+key_ok = np.concatenate([np.ones((B, Q), dtype=bool), valid], axis=1)
+mask = np.repeat(key_ok[:, None, :], Q + T, axis=1)
+is_query = np.arange(Q + T) < Q
+if mode in ("queries", "text", "itc"):
+    mask &= is_query[:, None] == is_query[None, :]
+elif mode == "itg":
+    i = np.arange(Q + T)
+    mask &= i[None, :] <= i[:, None]
+return mask
+"""),
+    ("9.1", "minblip/qformer.py::qformer_mask",
+     "ITG text rows do not see the queries", """
+B, T = valid.shape
+key_ok = np.concatenate([np.ones((B, Q), dtype=bool), valid], axis=1)
+mask = np.repeat(key_ok[:, None, :], Q + T, axis=1)
+is_query = np.arange(Q + T) < Q
+if mode in ("queries", "text", "itc"):
+    mask &= is_query[:, None] == is_query[None, :]
+elif mode == "itg":
+    i = np.arange(Q + T)
+    mask &= (is_query[:, None] & is_query[None, :]) | (
+        ~is_query[:, None] & ~is_query[None, :] & (i[None, :] <= i[:, None]))
+return mask
+"""),
+    ("9.1", "minblip/qformer.py::qformer_mask",
+     "padding masked as rows too (a [PAD] row sees nothing)", """
+B, T = valid.shape
+key_ok = np.concatenate([np.ones((B, Q), dtype=bool), valid], axis=1)
+mask = key_ok[:, :, None] & key_ok[:, None, :]
+is_query = np.arange(Q + T) < Q
+if mode in ("queries", "text", "itc"):
+    mask &= is_query[:, None] == is_query[None, :]
+elif mode == "itg":
+    i = np.arange(Q + T)
+    mask &= is_query[None, :] | (~is_query[:, None] & (i[None, :] <= i[:, None]))
+return mask
+"""),
+    ("9.1", "minblip/qformer.py::qformer_mask",
+     "forgets the padding columns", """
+B, T = valid.shape
+mask = np.ones((B, Q + T, Q + T), dtype=bool)
+is_query = np.arange(Q + T) < Q
+if mode in ("queries", "text", "itc"):
+    mask &= is_query[:, None] == is_query[None, :]
+elif mode == "itg":
+    i = np.arange(Q + T)
+    mask &= is_query[None, :] | (~is_query[:, None] & (i[None, :] <= i[:, None]))
+return mask
+"""),
+    # 9.2 the learned queries' gradient (notebook)
+    ("9.2", "notebooks/09_qformer_masks.ipynb::queries_and_text_backward",
+     "the queries' gradient of the first image only", """
+return dx[:1, :num_queries], dx[:, num_queries:]
+"""),
+    ("9.2", "notebooks/09_qformer_masks.ipynb::queries_and_text_backward",
+     "a mean over the batch instead of a sum", """
+return dx[:, :num_queries].mean(axis=0, keepdims=True), dx[:, num_queries:]
+"""),
+    # 10.1 ITC with a maximum over the queries
+    ("10.1", "minblip/blip2.py::itc_max_backward",
+     "d[idx] += g: a query that wins two texts keeps one of them", """
+image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
+B = sim.shape[0]
+dlogits = ce.backward(0.5 * dloss, c_i2t) + ce.backward(0.5 * dloss, c_t2i).T
+temp.grad += -np.sum(dlogits * sim) / (t * t)
+dsim = dlogits / t
+rows = np.broadcast_to(np.arange(B)[:, None], (B, B))
+winners = image_feats[rows, best]
+d_text = np.einsum("bc,bce->ce", dsim, winners)
+d_image = np.zeros_like(image_feats)
+d_image[rows, best] += dsim[..., None] * text_feat[None, :, :]
+return d_image, d_text
+"""),
+    ("10.1", "minblip/blip2.py::itc_max_backward",
+     "the text-to-image gradient not transposed back", """
+image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
+B = sim.shape[0]
+dlogits = ce.backward(0.5 * dloss, c_i2t) + ce.backward(0.5 * dloss, c_t2i)
+temp.grad += -np.sum(dlogits * sim) / (t * t)
+dsim = dlogits / t
+rows = np.broadcast_to(np.arange(B)[:, None], (B, B))
+winners = image_feats[rows, best]
+d_text = np.einsum("bc,bce->ce", dsim, winners)
+d_image = np.zeros_like(image_feats)
+np.add.at(d_image, (rows, best), dsim[..., None] * text_feat[None, :, :])
+return d_image, d_text
+"""),
+    ("10.1", "minblip/blip2.py::itc_max_backward",
+     "spreads each pair's gradient evenly over the queries, as if the max were a mean", """
+image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
+Q = image_feats.shape[1]
+dlogits = ce.backward(0.5 * dloss, c_i2t) + ce.backward(0.5 * dloss, c_t2i).T
+temp.grad += -np.sum(dlogits * sim) / (t * t)
+dsim = dlogits / t
+d_text = dsim.T @ image_feats.mean(axis=1)
+d_image = np.repeat((dsim @ text_feat)[:, None, :] / Q, Q, axis=1)
+return d_image, d_text
+"""),
+    ("10.1", "minblip/blip2.py::itc_max_backward",
+     "forgets the upstream gradient dloss", """
+image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
+B = sim.shape[0]
+dlogits = ce.backward(0.5, c_i2t) + ce.backward(0.5, c_t2i).T
+temp.grad += -np.sum(dlogits * sim) / (t * t)
+dsim = dlogits / t
+rows = np.broadcast_to(np.arange(B)[:, None], (B, B))
+winners = image_feats[rows, best]
+d_text = np.einsum("bc,bce->ce", dsim, winners)
+d_image = np.zeros_like(image_feats)
+np.add.at(d_image, (rows, best), dsim[..., None] * text_feat[None, :, :])
+return d_image, d_text
+"""),
+    # 10.2 ITG inputs and targets (notebook)
+    ("10.2", "notebooks/10_blip2_stage1.ipynb::itg_inputs",
+     "writes [DEC] into the caller's ids (no copy)", """
+dec_ids = ids
+dec_ids[:, 0] = dec_id
+labels = np.where(mask.astype(bool), dec_ids, -100)
+targets = np.full_like(labels, -100)
+targets[:, :-1] = labels[:, 1:]
+return dec_ids, targets
+"""),
+    ("10.2", "notebooks/10_blip2_stage1.ipynb::itg_inputs",
+     "no shift: each position labelled with its own token", """
+dec_ids = ids.copy()
+dec_ids[:, 0] = dec_id
+return dec_ids, np.where(mask.astype(bool), dec_ids, -100)
+"""),
+    ("10.2", "notebooks/10_blip2_stage1.ipynb::itg_inputs",
+     "padding left as a target", """
+dec_ids = ids.copy()
+dec_ids[:, 0] = dec_id
+targets = np.full_like(dec_ids, -100)
+targets[:, :-1] = dec_ids[:, 1:]
+return dec_ids, targets
+"""),
+    # 11.1 masking the soft prompt out of the LM loss
+    ("11.1", "minblip/lm.py::causal_lm_targets",
+     "the prompt's text tokens stay targets", """
+targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
+ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
+return np.concatenate([ignore, targets], axis=1)
+"""),
+    ("11.1", "minblip/lm.py::causal_lm_targets",
+     "the ignored soft-prompt block put after the text", """
+targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
+targets[:, :prompt_length] = IGNORE_INDEX
+ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
+return np.concatenate([targets, ignore], axis=1)
+"""),
+    ("11.1", "minblip/lm.py::causal_lm_targets",
+     "off by one: hides BOS on top of the prompt_length tokens", """
+targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
+targets[:, :prompt_length + 1] = IGNORE_INDEX
+ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
+return np.concatenate([ignore, targets], axis=1)
+"""),
+    ("11.1", "minblip/lm.py::causal_lm_targets",
+     "padding left as a target", """
+targets = ids.astype(np.int64)
+targets[:, :prompt_length] = IGNORE_INDEX
+ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
+return np.concatenate([ignore, targets], axis=1)
+"""),
+    # 11.2 the soft prompt's projection backward (notebook)
+    ("11.2", "notebooks/11_blip2_stage2.ipynb::soft_prompt_backward",
+     "the gradient of the last Q positions (the text's) instead of the first Q", """
+Q, Dq = q.shape[1], q.shape[2]
+dprompt = dx[:, -Q:]
+dW = q.reshape(-1, Dq).T @ dprompt.reshape(-1, dprompt.shape[-1])
+return dprompt @ W.T, dW, dprompt.sum(axis=(0, 1))
+"""),
+    ("11.2", "notebooks/11_blip2_stage2.ipynb::soft_prompt_backward",
+     "dW from the first image only", """
+Q = q.shape[1]
+dprompt = dx[:, :Q]
+return dprompt @ W.T, q[0].T @ dprompt[0], dprompt.sum(axis=(0, 1))
+"""),
+    ("11.2", "notebooks/11_blip2_stage2.ipynb::soft_prompt_backward",
+     "the bias gradient of the first image only", """
+Q, Dq = q.shape[1], q.shape[2]
+dprompt = dx[:, :Q]
+dW = q.reshape(-1, Dq).T @ dprompt.reshape(-1, dprompt.shape[-1])
+return dprompt @ W.T, dW, dprompt[0].sum(axis=0)
+"""),
+    # 12.1 the fused qkv weight
+    ("12.1", "minblip/hf.py::fused_qkv_from_hf",
+     "splits without transposing (the shapes still fit: every block is square)", """
+return list(np.split(weight, 3, axis=0))
+"""),
+    ("12.1", "minblip/hf.py::fused_qkv_from_hf",
+     "splits along the input columns", """
+return [w.T for w in np.split(weight, 3, axis=1)]
+"""),
+    ("12.1", "minblip/hf.py::fused_qkv_to_hf",
+     "stacks without transposing", """
+return np.concatenate(list(weights), axis=0)
+"""),
+    ("12.1", "minblip/hf.py::fused_qkv_to_hf",
+     "concatenates along the input axis: (D, 3D)", """
+return np.concatenate(list(weights), axis=1)
+"""),
+    # 13.1 the CapFilt filter decision
+    ("13.1", "minblip/capfilt.py::keep_mask",
+     "keeps a text at exactly the threshold (>= instead of >)", """
+return p >= threshold
+"""),
+    ("13.1", "minblip/capfilt.py::keep_mask",
+     "keeps the texts the ITM head calls unmatched", """
+return p <= threshold
+"""),
+    ("13.1", "minblip/capfilt.py::bootstrap_captions",
+     "filters the web texts only, keeps every synthetic text", """
+keep_web = keep_mask(p_web, threshold) if use_filter else np.ones(n, bool)
+out = []
+for i in range(n):
+    texts = [web_texts[i]] if keep_web[i] else []
+    if use_captioner:
+        texts.append(synthetic_texts[i])
+    out.append(texts)
+return out
+"""),
+    ("13.1", "minblip/capfilt.py::bootstrap_captions",
+     "the synthetic texts judged at the default threshold, not the one given", """
+keep_web = keep_mask(p_web, threshold) if use_filter else np.ones(n, bool)
+keep_syn = keep_mask(p_synthetic) if use_filter else np.ones(n, bool)
+out = []
+for i in range(n):
+    texts = [web_texts[i]] if keep_web[i] else []
+    if use_captioner and keep_syn[i]:
+        texts.append(synthetic_texts[i])
+    out.append(texts)
+return out
+"""),
+    ("13.1", "minblip/capfilt.py::bootstrap_captions",
+     "filters even when use_filter is False", """
+keep_web = keep_mask(p_web, threshold)
+keep_syn = keep_mask(p_synthetic, threshold)
+out = []
+for i in range(n):
+    texts = [web_texts[i]] if keep_web[i] else []
+    if use_captioner and keep_syn[i]:
+        texts.append(synthetic_texts[i])
+    out.append(texts)
+return out
+"""),
+    # 13.2 p(match) from the ITM logits (notebook)
+    ("13.2", "notebooks/13_capfilt.ipynb::match_probability_from_logits",
+     "exp without subtracting the maximum: overflows", """
+e = np.exp(logits)
+return e[:, 1] / e.sum(axis=1)
+"""),
+    ("13.2", "notebooks/13_capfilt.ipynb::match_probability_from_logits",
+     "the softmax over the batch axis", """
+e = np.exp(logits - logits.max(axis=0, keepdims=True))
+return (e / e.sum(axis=0, keepdims=True))[:, 1]
+"""),
+    ("13.2", "notebooks/13_capfilt.ipynb::match_probability_from_logits",
+     "the probability of 'no match' (column 0)", """
+e = np.exp(logits - logits.max(axis=1, keepdims=True))
+return e[:, 0] / e.sum(axis=1)
+"""),
+    # 14.1 warmup + cosine
+    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+     "off by one in the warmup: (step + 1) / warmup_steps", """
+if step < warmup_steps:
+    return warmup_start_lr + (base_lr - warmup_start_lr) * (step + 1) / warmup_steps
+progress = (step - warmup_steps) / (total_steps - warmup_steps)
+return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+"""),
+    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+     "the cosine runs over all steps, not the ones after the warmup", """
+if step < warmup_steps:
+    return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+"""),
+    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+     "decays to zero, forgetting min_lr", """
+if step < warmup_steps:
+    return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+progress = (step - warmup_steps) / (total_steps - warmup_steps)
+return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+"""),
+    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+     "the warmup starts from zero, ignoring warmup_start_lr", """
+if step < warmup_steps:
+    return base_lr * step / warmup_steps
+progress = (step - warmup_steps) / (total_steps - warmup_steps)
+return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+"""),
+    # 14.2 AdamW (notebook)
+    ("14.2", "notebooks/14_training.ipynb::adamw_update",
+     "L2 regularisation: the decay added to the gradient (Adam, not AdamW)", """
+beta1, beta2 = betas
+g = g + weight_decay * p
+m[...] = beta1 * m + (1.0 - beta1) * g
+v[...] = beta2 * v + (1.0 - beta2) * g * g
+m_hat = m / (1.0 - beta1 ** t)
+v_hat = v / (1.0 - beta2 ** t)
+p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+"""),
+    ("14.2", "notebooks/14_training.ipynb::adamw_update",
+     "no bias correction", """
+beta1, beta2 = betas
+p *= 1.0 - lr * weight_decay
+m[...] = beta1 * m + (1.0 - beta1) * g
+v[...] = beta2 * v + (1.0 - beta2) * g * g
+p -= lr * m / (np.sqrt(v) + eps)
+"""),
+    ("14.2", "notebooks/14_training.ipynb::adamw_update",
+     "the decay without the learning rate: p *= 1 - weight_decay", """
+beta1, beta2 = betas
+p *= 1.0 - weight_decay
+m[...] = beta1 * m + (1.0 - beta1) * g
+v[...] = beta2 * v + (1.0 - beta2) * g * g
+m_hat = m / (1.0 - beta1 ** t)
+v_hat = v / (1.0 - beta2 ** t)
+p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+"""),
+    ("14.2", "notebooks/14_training.ipynb::adamw_update",
+     "m = ... rebinds the name: the optimiser's moments never change", """
+beta1, beta2 = betas
+p *= 1.0 - lr * weight_decay
+m = beta1 * m + (1.0 - beta1) * g
+v = beta2 * v + (1.0 - beta2) * g * g
+m_hat = m / (1.0 - beta1 ** t)
+v_hat = v / (1.0 - beta2 ** t)
+p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+"""),
 ]

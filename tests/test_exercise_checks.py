@@ -16,10 +16,16 @@ from minblip import Module, Param, check_layer, gradcheck
 from minblip.attention import ScaledDotProductAttention, causal_mask, padding_mask
 from minblip.blip import BLIP, BLIPConfig, hard_negative_weights, itc_backward, itc_forward
 from minblip.blip import pretrain_step
+from minblip.blip2 import itc_max_backward, itc_max_forward
+from minblip.capfilt import bootstrap_captions, keep_mask
 from minblip.exercises import BY_ID
 from minblip.exercises.grading import run_notebook_exercise
 from minblip.generation import top_p_filter
+from minblip.hf import fused_qkv_from_hf, fused_qkv_to_hf, hf_state_dict, load_hf_state_dict
 from minblip.layers import LayerNorm
+from minblip.lm import LanguageModel, LMConfig, causal_lm_targets, lm_step
+from minblip.optim import warmup_cosine_lr
+from minblip.qformer import MODES, qformer_mask
 from minblip.softmax import CrossEntropyLoss, softmax
 from minblip.text import TextConfig, build_med, shared_parameter_names
 from minblip.tokenizer import Tokenizer
@@ -392,3 +398,326 @@ def test_ex_8_1_shared_gradient():
 
 def test_ex_8_2_notebook():
     run_notebook("8.2")
+
+
+# ---------------------------------------------------------------------------
+# 9.1 the Q-Former's three masks
+# ---------------------------------------------------------------------------
+
+def _grid(text):
+    """Rows of 0/1 digits (spaces ignored) -> a bool array."""
+    return np.array([[c == "1" for c in line.replace(" ", "")]
+                     for line in text.strip().split("\n")])
+
+
+# two queries, then four text positions; per mode the first caption (its last position
+# is [PAD]) and the second (no padding)
+MASKS = {
+    "itc": ("""
+        11 0000
+        11 0000
+        00 1110
+        00 1110
+        00 1110
+        00 1110""", """
+        11 0000
+        11 0000
+        00 1111
+        00 1111
+        00 1111
+        00 1111"""),
+    "itm": ("""
+        11 1110
+        11 1110
+        11 1110
+        11 1110
+        11 1110
+        11 1110""", """
+        11 1111
+        11 1111
+        11 1111
+        11 1111
+        11 1111
+        11 1111"""),
+    "itg": ("""
+        11 0000
+        11 0000
+        11 1000
+        11 1100
+        11 1110
+        11 1110""", """
+        11 0000
+        11 0000
+        11 1000
+        11 1100
+        11 1110
+        11 1111"""),
+}
+
+
+def test_ex_9_1_masks_block_by_block():
+    text_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    for mode, pictures in MASKS.items():
+        mask = qformer_mask(mode, 2, text_mask)
+        assert mask.shape == (2, 6, 6) and mask.dtype == bool, (mode, mask.shape, mask.dtype)
+        for b, picture in enumerate(pictures):
+            np.testing.assert_array_equal(mask[b], _grid(picture),
+                                          err_msg=f"mode {mode!r}, caption {b}")
+
+
+def test_ex_9_1_modes_without_queries():
+    np.testing.assert_array_equal(qformer_mask("queries", 3), np.ones((1, 3, 3), bool))
+    text_mask = np.array([[1, 1, 0]])
+    np.testing.assert_array_equal(qformer_mask("text", 0, text_mask)[0],
+                                  _grid("110\n110\n110"))
+    np.testing.assert_array_equal(qformer_mask("itg", 0, text_mask)[0],
+                                  _grid("100\n110\n110"))
+
+
+### BEGIN HIDDEN TESTS
+def _mask_entry(mode, Q, valid_row, i, j):
+    """Whether position i may attend to position j, by the table of minblip.qformer."""
+    if j >= Q and not valid_row[j - Q]:
+        return False  # a padded key is never seen
+    query_i, query_j = i < Q, j < Q
+    if mode in ("queries", "text", "itc"):
+        return query_i == query_j
+    if mode == "itm":
+        return True
+    return query_j or (not query_i and j <= i)  # itg
+
+
+def test_ex_9_1_masks_entry_by_entry():
+    rng = np.random.default_rng(90)
+    for _ in range(6):
+        B, Q, T = int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        lengths = rng.integers(1, T + 1, size=B)
+        text_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(int)
+        for mode in ("itc", "itm", "itg"):
+            mask = qformer_mask(mode, Q, text_mask)
+            expect = np.array([[[_mask_entry(mode, Q, text_mask[b], i, j)
+                                 for j in range(Q + T)] for i in range(Q + T)] for b in range(B)])
+            np.testing.assert_array_equal(mask, expect, err_msg=f"{mode} Q={Q} T={T}")
+    assert set(MODES) == {"queries", "text", "itc", "itm", "itg"}
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 9.2 the learned queries' gradient (notebook 09)
+# ---------------------------------------------------------------------------
+
+def test_ex_9_2_notebook():
+    run_notebook("9.2")
+
+
+# ---------------------------------------------------------------------------
+# 10.1 ITC with a maximum over the queries: the backward
+# ---------------------------------------------------------------------------
+
+def test_ex_10_1_itc_max_gradcheck():
+    """Two queries, four texts: in every image some query wins at least two texts."""
+    rng = np.random.default_rng(100)
+    feats = Param(rng.standard_normal((4, 2, 3)), dtype=np.float64)
+    text = Param(rng.standard_normal((4, 3)), dtype=np.float64)
+    temp = Param(0.3, dtype=np.float64)
+
+    def loss_fn(backward):
+        loss, cache = itc_max_forward(feats.data, text.data, temp)
+        if backward:
+            d_feats, d_text = itc_max_backward(1.0, cache, temp)
+            feats.grad += d_feats
+            text.grad += d_text
+        return loss
+
+    gradcheck(loss_fn, {"image_feats": feats, "text_feat": text, "temp": temp}, n_coords=24)
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_10_1_only_winners_get_gradient():
+    rng = np.random.default_rng(101)
+    B, Q, E, t = 3, 4, 5, 0.5
+    feats, text = rng.standard_normal((B, Q, E)), rng.standard_normal((B, E))
+    temp = Param(t, dtype=np.float64)
+    _, cache = itc_max_forward(feats, text, temp, label_smoothing=0.0)
+    d_feats, d_text = itc_max_backward(2.5, cache, temp)
+    logits, eye = cache["sim"], np.eye(B)
+    # dL/dlogits, both directions: (softmax - one-hot) / B, halved, times the upstream 2.5
+    G = 2.5 * 0.5 * ((softmax(logits) - eye) + (softmax(logits.T) - eye).T) / B
+    expect_feats, expect_text = np.zeros_like(feats), np.zeros_like(text)
+    for b in range(B):
+        for c in range(B):
+            q = int(np.argmax(feats[b] @ text[c]))
+            expect_feats[b, q] += G[b, c] / t * text[c]
+            expect_text[c] += G[b, c] / t * feats[b, q]
+    np.testing.assert_allclose(d_feats, expect_feats, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(d_text, expect_text, rtol=1e-10, atol=1e-12)
+    assert math.isclose(float(temp.grad), -np.sum(G * logits) / t, rel_tol=1e-10)
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 10.2 ITG inputs and targets (notebook 10)
+# ---------------------------------------------------------------------------
+
+def test_ex_10_2_notebook():
+    run_notebook("10.2")
+
+
+# ---------------------------------------------------------------------------
+# 11.1 masking the soft prompt out of the LM loss
+# ---------------------------------------------------------------------------
+
+def test_ex_11_1_targets():
+    ids = np.array([[2, 5, 6, 7, 3, 0], [2, 8, 3, 0, 0, 0]])  # [CLS] words [SEP] [PAD]..
+    mask = (ids != 0).astype(int)
+    I = -100
+    got = causal_lm_targets(ids, mask, n_prefix=3, prompt_length=2)
+    assert got.shape == (2, 9) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, [[I, I, I, I, I, 6, 7, 3, I],
+                                        [I, I, I, I, I, 3, I, I, I]])
+    # LAVIS pre-trains with the empty prompt: then [CLS] itself is a target
+    np.testing.assert_array_equal(causal_lm_targets(ids, mask, n_prefix=2),
+                                  [[I, I, 2, 5, 6, 7, 3, I], [I, I, 2, 8, 3, I, I, I]])
+    np.testing.assert_array_equal(causal_lm_targets(ids, mask), np.where(mask, ids, I))
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_11_1_lm_loss_by_hand():
+    """lm_step's loss is the mean -log p of exactly the tokens after the prompt."""
+    rng = np.random.default_rng(110)
+    lm = LanguageModel(LMConfig(vocab_size=9, width=8, depth=1, heads=2, mlp_dim=8,
+                                max_positions=12), rng).to(np.float64)
+    ids = np.array([[2, 5, 6, 7, 3, 0], [2, 8, 3, 0, 0, 0]])
+    mask = (ids != 0).astype(int)
+    prefix = rng.standard_normal((2, 3, 8))
+    loss, _ = lm_step(lm, ids, mask, prefix, prompt_length=2, backward=False)
+    logits, _ = lm.forward(ids, mask, prefix_embeds=prefix)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    nll = [-logp[b, 3 + s - 1, ids[b, s]] for b in range(2) for s in range(2, 6) if mask[b, s]]
+    assert len(nll) == 4
+    assert math.isclose(loss, float(np.mean(nll)), rel_tol=1e-10)
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 11.2 the soft prompt's projection backward (notebook 11)
+# ---------------------------------------------------------------------------
+
+def test_ex_11_2_notebook():
+    run_notebook("11.2")
+
+
+# ---------------------------------------------------------------------------
+# 12.1 the fused qkv weight of a Hugging Face ViT
+# ---------------------------------------------------------------------------
+
+def test_ex_12_1_fused_qkv_acts_like_nn_linear():
+    rng = np.random.default_rng(120)
+    D = 4
+    x = rng.standard_normal((5, D))
+    fused = rng.standard_normal((3 * D, D))  # nn.Linear(D, 3D).weight: y = x @ weight.T
+    parts = np.split(x @ fused.T, 3, axis=-1)  # BlipAttention: q, k, v in this order
+    weights = fused_qkv_from_hf(fused)
+    assert len(weights) == 3 and all(w.shape == (D, D) for w in weights)
+    for name, w, part in zip("qkv", weights, parts):
+        np.testing.assert_allclose(x @ w, part, rtol=1e-12, err_msg=f"W{name}")
+    w_q, w_k, w_v = (rng.standard_normal((D, D)) for _ in range(3))
+    back = fused_qkv_to_hf([w_q, w_k, w_v])
+    assert back.shape == (3 * D, D)
+    np.testing.assert_allclose(x @ back.T, np.concatenate([x @ w_q, x @ w_k, x @ w_v], axis=-1),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(fused_qkv_to_hf(fused_qkv_from_hf(fused)), fused)
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_12_1_state_dict_round_trip():
+    model, _, images, _, _ = _tiny_blip(121)
+    other, _, _, _, _ = _tiny_blip(122)
+    tensors = hf_state_dict(model, "retrieval")
+    attn = model.visual_encoder.blocks[0].attn
+    fused = tensors["vision_model.encoder.layers.0.self_attn.qkv.weight"]
+    np.testing.assert_array_equal(fused[:4], attn.query.W.data.T)
+    np.testing.assert_array_equal(fused[8:], attn.value.W.data.T)
+    load_hf_state_dict(other, tensors, "retrieval")
+    for lin in ("query", "key", "value"):
+        np.testing.assert_array_equal(getattr(other.visual_encoder.blocks[0].attn, lin).W.data,
+                                      getattr(attn, lin).W.data)
+    np.testing.assert_array_equal(other.visual_encoder.forward(images)[0],
+                                  model.visual_encoder.forward(images)[0])
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 13.1 the CapFilt filter decision
+# ---------------------------------------------------------------------------
+
+def test_ex_13_1_keep_mask():
+    p = np.array([0.2, 0.5, 0.5 + 1e-9, 0.9, 1.0, 0.0])
+    np.testing.assert_array_equal(keep_mask(p), [False, False, True, True, True, False])
+    np.testing.assert_array_equal(keep_mask(p, 0.85), [False, False, False, True, True, False])
+    assert keep_mask(p).dtype == bool
+
+
+def test_ex_13_1_bootstrap_settings():
+    web, syn = ["w0", "w1", "w2"], ["s0", "s1", "s2"]
+    p_web, p_syn = [0.9, 0.3, 0.6], [0.2, 0.7, 0.5]  # 0.5 is not above the threshold
+    settings = {(True, True): [["w0"], ["s1"], ["w2"]],
+                (True, False): [["w0", "s0"], ["w1", "s1"], ["w2", "s2"]],
+                (False, True): [["w0"], [], ["w2"]],
+                (False, False): [["w0"], ["w1"], ["w2"]]}
+    for (captioner, filt), expect in settings.items():
+        got = bootstrap_captions(web, syn, p_web, p_syn, use_captioner=captioner,
+                                 use_filter=filt)
+        assert got == expect, f"use_captioner={captioner}, use_filter={filt}: {got}"
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_13_1_bootstrap_threshold_and_order():
+    got = bootstrap_captions(["w0", "w1", "w2"], ["s0", "s1", "s2"], [0.9, 0.3, 0.2],
+                             [0.3, 0.1, 0.9], threshold=0.25)
+    assert got == [["w0", "s0"], ["w1"], ["s2"]]
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 13.2 p(match) from the ITM logits (notebook 13)
+# ---------------------------------------------------------------------------
+
+def test_ex_13_2_notebook():
+    run_notebook("13.2")
+
+
+# ---------------------------------------------------------------------------
+# 14.1 linear warmup, then cosine decay
+# ---------------------------------------------------------------------------
+
+def test_ex_14_1_schedule_values():
+    def lr(step, **kw):
+        return warmup_cosine_lr(step, 110, 1.0, 10, **kw)
+
+    for step, expect in ((0, 0.0), (5, 0.5), (9, 0.9), (10, 1.0), (60, 0.5), (110, 0.0)):
+        assert math.isclose(lr(step), expect, abs_tol=1e-12), (step, lr(step), expect)
+    assert math.isclose(lr(60, min_lr=0.2), 0.6, rel_tol=1e-12)
+    assert math.isclose(lr(110, min_lr=0.2), 0.2, rel_tol=1e-12)
+    assert math.isclose(lr(0, warmup_start_lr=0.1), 0.1, rel_tol=1e-12)
+    assert math.isclose(lr(5, warmup_start_lr=0.1), 0.55, rel_tol=1e-12)
+    assert warmup_cosine_lr(0, 100, 0.3, 0) == 0.3  # no warmup: the cosine starts at once
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_14_1_schedule_shape():
+    lrs = np.array([warmup_cosine_lr(s, 300, 2e-3, 40, min_lr=1e-5, warmup_start_lr=1e-6)
+                    for s in range(301)])
+    assert np.all(np.diff(lrs[:41]) > 0) and np.all(np.diff(lrs[40:]) < 0)
+    assert lrs[40] == 2e-3 and math.isclose(lrs[-1], 1e-5, rel_tol=1e-12)
+    quarter = 1e-5 + (2e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2
+    assert math.isclose(lrs[40 + 65], quarter, rel_tol=1e-12)
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 14.2 AdamW's decoupled weight decay (notebook 14)
+# ---------------------------------------------------------------------------
+
+def test_ex_14_2_notebook():
+    run_notebook("14.2")

@@ -159,13 +159,76 @@ EXERCISES: tuple[Exercise, ...] = (
         "Run a module held by the encoder and the decoder twice and back-propagate both uses "
         "before anything is zeroed, so its Params get the sum.",
         15, _tests("test_ex_8_2_notebook")),
-)
-
-# Exercises not written yet, for notebooks still being finished.
-TODO = (
-    "9.x the Q-Former's three masks (notebooks/09_qformer_masks; minblip/qformer.py)",
-    "10.x BLIP-2 stage 1 (notebooks/10_blip2_stage1)",
-    "11.x BLIP-2 stage 2 (notebooks/11_blip2_stage2)",
+    Exercise(
+        "9.1", "the Q-Former's three masks", "09_qformer_masks",
+        ("minblip/qformer.py::qformer_mask",),
+        "Build the uni-modal (ITC), bi-directional (ITM) and multimodal causal (ITG) "
+        "self-attention masks over queries + text as boolean arrays, padding columns off.",
+        25, _tests("test_ex_9_1_masks_block_by_block", "test_ex_9_1_modes_without_queries",
+                   "test_ex_9_1_masks_entry_by_entry")),
+    Exercise(
+        "9.2", "the learned queries' gradient", "09_qformer_masks",
+        ("notebooks/09_qformer_masks.ipynb::queries_and_text_backward",),
+        "Undo x = cat(broadcast(Z), text): split the gradient and sum the query part over "
+        "the batch the one (1, Q, D) Param was broadcast to.",
+        10, _tests("test_ex_9_2_notebook")),
+    Exercise(
+        "10.1", "ITC with a maximum over the queries: the backward", "10_blip2_stage1",
+        ("minblip/blip2.py::itc_max_backward",),
+        "Route each pair's gradient through the max to its winning query only, scatter-add "
+        "when one query wins several texts, and read the text-to-image loss transposed.",
+        30, _tests("test_ex_10_1_itc_max_gradcheck", "test_ex_10_1_only_winners_get_gradient")),
+    Exercise(
+        "10.2", "ITG inputs and targets", "10_blip2_stage1",
+        ("notebooks/10_blip2_stage1.ipynb::itg_inputs",),
+        "Put [DEC] in place of [CLS] on a copy, and label each position with the next real "
+        "token (-100 on padding and at the end), as stage 1's ITG loss reads them.",
+        15, _tests("test_ex_10_2_notebook")),
+    Exercise(
+        "11.1", "masking the soft prompt out of the LM loss", "11_blip2_stage2",
+        ("minblip/lm.py::causal_lm_targets",),
+        "Label the whole [soft prompt | text] sequence the way blip2_opt.py does: -100 on "
+        "the prompt positions, the text prompt and padding, the text tokens elsewhere.",
+        15, _tests("test_ex_11_1_targets", "test_ex_11_1_lm_loss_by_hand")),
+    Exercise(
+        "11.2", "the soft prompt's projection backward", "11_blip2_stage2",
+        ("notebooks/11_blip2_stage2.ipynb::soft_prompt_backward",),
+        "Back-propagate x = cat(q W + b, tokens) into the queries and the projection, "
+        "keeping only the prompt positions' gradient and summing over batch and queries.",
+        15, _tests("test_ex_11_2_notebook")),
+    Exercise(
+        "12.1", "the fused qkv weight of a Hugging Face ViT", "12_fidelity",
+        ("minblip/hf.py::fused_qkv_to_hf", "minblip/hf.py::fused_qkv_from_hf"),
+        "Map one PyTorch nn.Linear (d_out, d_in) weight that fuses q, k and v to three "
+        "minblip (d_in, d_out) weights and back: a split along the output rows and a transpose.",
+        15, _tests("test_ex_12_1_fused_qkv_acts_like_nn_linear",
+                   "test_ex_12_1_state_dict_round_trip")),
+    Exercise(
+        "13.1", "the CapFilt filter decision", "13_capfilt",
+        ("minblip/capfilt.py::keep_mask", "minblip/capfilt.py::bootstrap_captions"),
+        "Keep a text only when the ITM head says match (p > threshold), for web and "
+        "synthetic texts alike, and assemble each web image's texts in the four settings "
+        "of BLIP's Table 1.",
+        15, _tests("test_ex_13_1_keep_mask", "test_ex_13_1_bootstrap_settings",
+                   "test_ex_13_1_bootstrap_threshold_and_order")),
+    Exercise(
+        "13.2", "p(match) from the ITM logits, stably", "13_capfilt",
+        ("notebooks/13_capfilt.ipynb::match_probability_from_logits",),
+        "Turn two-way ITM logits into the match probability with a softmax over the right "
+        "axis that cannot overflow.",
+        10, _tests("test_ex_13_2_notebook")),
+    Exercise(
+        "14.1", "linear warmup, then cosine decay", "14_training",
+        ("minblip/optim.py::warmup_cosine_lr",),
+        "Write the learning-rate schedule: a linear warmup from warmup_start_lr, then half a "
+        "cosine from base_lr down to min_lr over the steps that remain.",
+        15, _tests("test_ex_14_1_schedule_values", "test_ex_14_1_schedule_shape")),
+    Exercise(
+        "14.2", "AdamW's decoupled weight decay", "14_training",
+        ("notebooks/14_training.ipynb::adamw_update",),
+        "One AdamW step on one array: shrink the weight outside the Adam update, keep the "
+        "moments, correct their bias; match minblip.optim.AdamW to 1e-12.",
+        20, _tests("test_ex_14_2_notebook")),
 )
 
 # Files the student version leaves out: they test the generator or hold wrong answers.
@@ -190,4 +253,4 @@ def select(ids) -> tuple[Exercise, ...]:
     return tuple(e for e in EXERCISES if e.id in ids)
 
 
-__all__ = ["Exercise", "EXERCISES", "BY_ID", "TODO", "INSTRUCTOR_ONLY", "by_region", "select"]
+__all__ = ["Exercise", "EXERCISES", "BY_ID", "INSTRUCTOR_ONLY", "by_region", "select"]

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import EXERCISES, TODO, select
+from . import EXERCISES, select
 from .grading import existing_tests, grade, run_pytest
 from .student import ExerciseError, generate
 
@@ -47,7 +47,6 @@ def main(argv=None) -> int:
                 where = "notebook" if e.in_notebook else ", ".join(
                     dict.fromkeys(r.split("::")[0] for r in e.regions))
                 print(f"{e.id:>4}  {e.minutes:>3} min  {where:<28} {e.title}")
-            print("\nto do: " + "; ".join(TODO))
             return 0
         if args.command == "student":
             summary = generate(args.source, args.outdir, _ids(args.only))
