@@ -560,7 +560,8 @@ def hf_state_dict(model: BLIP, kind: str | None = None, *, grad: bool = False,
     """``{hf_name: array}`` in Hugging Face layouts, from the Params' data (or
     their ``grad``). Tied copies are left out unless ``include_tied``, as
     ``save_pretrained`` leaves them out."""
-    return {t.name: np.ascontiguousarray(t.to_hf([p.grad if grad else p.data for p in t.params]))
+    # np.array(order="C"), not np.ascontiguousarray: that one turns a 0-d tensor (temp) into 1-d
+    return {t.name: np.array(t.to_hf([p.grad if grad else p.data for p in t.params]), order="C")
             for t in hf_tensors(model, kind) if include_tied or t.tied_to is None}
 
 

@@ -351,9 +351,7 @@ def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: 
             raise ValueError(f"{label} must be a finite number >= 0, got {value}")
     if min_lr > base_lr:
         raise ValueError(f"min_lr ({min_lr}) must not exceed base_lr ({base_lr})")
-    ### BEGIN SOLUTION
     if step < warmup_steps:
         return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    ### END SOLUTION

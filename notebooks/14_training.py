@@ -666,22 +666,42 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #
 # ### Exercise 14.1 · Linear warmup, then cosine decay
 #
-# **Goal.** Write the end of `warmup_cosine_lr(step, total_steps, base_lr, warmup_steps,
-# min_lr, warmup_start_lr)` in `minblip/optim.py` (the input checks are already there):
-# the learning rate at `step`, counted from 0, of section 3.1's schedule.
+# **Goal.** Write `warmup_cosine_schedule(step, total_steps, base_lr, warmup_steps, min_lr,
+# warmup_start_lr)`: the learning rate at `step`, counted from 0, of section 3.1's schedule.
+# The check compares it with `minblip.optim.warmup_cosine_lr`, the schedule every training
+# run in these notebooks uses.
 #
-# **Hints.** The docstring has the formula. During the warmup the rate rises linearly from
-# `warmup_start_lr` at step 0 and would reach `base_lr` at step `warmup_steps`, which is
-# where the cosine takes over, so the curve has no jump. The cosine runs over the
-# `total_steps - warmup_steps` steps that remain and ends at `min_lr`, not at zero.
+# **Hints.** During the warmup the rate rises linearly from `warmup_start_lr` at step 0 and
+# would reach `base_lr` at step `warmup_steps`, which is where the cosine takes over, so the
+# curve has no jump. The cosine runs over the `total_steps - warmup_steps` steps that remain
+# and ends at `min_lr`, not at zero.
+
+# %% nbgrader={"grade": false, "grade_id": "ex14_1_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def warmup_cosine_schedule(step, total_steps, base_lr, warmup_steps, min_lr=0.0,
+                           warmup_start_lr=0.0):
+    """The learning rate at ``step`` (0, 1, ..., total_steps): linear warmup, then cosine."""
+    ### BEGIN SOLUTION
+    if step < warmup_steps:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    ### END SOLUTION
+
 
 # %% nbgrader={"grade": true, "grade_id": "ex14_1_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
 from minblip.optim import warmup_cosine_lr
 
 for step, expect in ((0, 0.1), (5, 0.55), (10, 1.0), (60, 0.6), (110, 0.2)):
-    got = warmup_cosine_lr(step, 110, 1.0, 10, min_lr=0.2, warmup_start_lr=0.1)
+    got = warmup_cosine_schedule(step, 110, 1.0, 10, min_lr=0.2, warmup_start_lr=0.1)
     print(f"step {step:3d}: lr {got:.4f} (expected {expect})")
     assert math.isclose(got, expect, rel_tol=1e-12)
+assert warmup_cosine_schedule(0, 100, 0.3, 0) == 0.3  # no warmup: the cosine starts at once
+for s in range(301):  # the whole curve of another setting, next to minblip's
+    args = (s, 300, 2e-3, 40)
+    kw = dict(min_lr=1e-5, warmup_start_lr=1e-6)
+    assert math.isclose(warmup_cosine_schedule(*args, **kw), warmup_cosine_lr(*args, **kw),
+                        rel_tol=1e-12), s
+print("the whole 300-step curve matches minblip.optim.warmup_cosine_lr")
 
 # %% [markdown]
 # ### Exercise 14.2 · AdamW's decoupled weight decay

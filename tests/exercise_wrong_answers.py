@@ -620,28 +620,28 @@ return (e / e.sum(axis=0, keepdims=True))[:, 1]
 e = np.exp(logits - logits.max(axis=1, keepdims=True))
 return e[:, 0] / e.sum(axis=1)
 """),
-    # 14.1 warmup + cosine
-    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+    # 14.1 warmup + cosine (notebook)
+    ("14.1", "notebooks/14_training.ipynb::warmup_cosine_schedule",
      "off by one in the warmup: (step + 1) / warmup_steps", """
 if step < warmup_steps:
     return warmup_start_lr + (base_lr - warmup_start_lr) * (step + 1) / warmup_steps
 progress = (step - warmup_steps) / (total_steps - warmup_steps)
 return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 """),
-    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+    ("14.1", "notebooks/14_training.ipynb::warmup_cosine_schedule",
      "the cosine runs over all steps, not the ones after the warmup", """
 if step < warmup_steps:
     return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
 return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
 """),
-    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+    ("14.1", "notebooks/14_training.ipynb::warmup_cosine_schedule",
      "decays to zero, forgetting min_lr", """
 if step < warmup_steps:
     return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
 progress = (step - warmup_steps) / (total_steps - warmup_steps)
 return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 """),
-    ("14.1", "minblip/optim.py::warmup_cosine_lr",
+    ("14.1", "notebooks/14_training.ipynb::warmup_cosine_schedule",
      "the warmup starts from zero, ignoring warmup_start_lr", """
 if step < warmup_steps:
     return base_lr * step / warmup_steps

@@ -164,6 +164,16 @@ def test_tensor_names_follow_the_hf_models():
     assert covered == {id(p) for p in model.params()}  # every Param exactly once
 
 
+def test_pretraining_state_dict_round_trip_keeps_the_scalar_temperature():
+    model, _ = tiny_model()
+    sd = hf.hf_state_dict(model, "pretraining")
+    assert sd["temp"].shape == ()  # a 0-d tensor stays 0-d (it once came back as (1,))
+    other, _ = tiny_model(seed=5)
+    hf.load_hf_state_dict(other, sd, "pretraining")
+    for (name, a), (_, b) in zip(model.named_params(), other.named_params()):
+        assert np.array_equal(a.data, b.data), name
+
+
 def test_fused_qkv_computes_the_three_projections():
     model, _ = tiny_model()
     sd = hf.hf_state_dict(model, "retrieval")

@@ -219,10 +219,10 @@ EXERCISES: tuple[Exercise, ...] = (
         10, _tests("test_ex_13_2_notebook")),
     Exercise(
         "14.1", "linear warmup, then cosine decay", "14_training",
-        ("minblip/optim.py::warmup_cosine_lr",),
+        ("notebooks/14_training.ipynb::warmup_cosine_schedule",),
         "Write the learning-rate schedule: a linear warmup from warmup_start_lr, then half a "
         "cosine from base_lr down to min_lr over the steps that remain.",
-        15, _tests("test_ex_14_1_schedule_values", "test_ex_14_1_schedule_shape")),
+        15, _tests("test_ex_14_1_notebook")),
     Exercise(
         "14.2", "AdamW's decoupled weight decay", "14_training",
         ("notebooks/14_training.ipynb::adamw_update",),
