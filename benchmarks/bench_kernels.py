@@ -1,21 +1,23 @@
-"""Candidate rewrites of minblip's hottest kernels, timed on the exact inputs
-of one demo-size training step: what each optimisation would save.
+"""Candidate rewrites of minblip's kernels that are not (or not yet) in the
+package, timed on the exact inputs of one demo-size training step: what each
+would save.
 
     python benchmarks/bench_kernels.py [--threads 1] [--repeats 9]
 
 Nothing in minblip is changed. The worker runs one ``Trainer.train_step``
-with recording wrappers around a few methods (attention, LayerNorm, GELU, the
-embedding scatter, Linear backward, the patch embedding's backward, the
-self-attention projections), keeping every input, upstream gradient and cache.
-Then, for each kernel, it times the current method on all recorded calls of
-the step (one round) against a candidate written here, alternating the two
-for ``--repeats`` rounds, and reports the median milliseconds per step, the saving
-and the largest difference between the two results relative to the largest
-value (float32 rounding is about 1e-7). The optimiser, gradient clipping and
-the patch embedding's unused pixel gradient are measured the same way. Last,
-the candidates that saved time are swapped into minblip's classes (in this
-process only) and whole steps alternate with and without them. The
-candidates are prototypes for the optimisation list in README.md.
+with recording wrappers around Linear backward, the patch embedding's
+backward and the self-attention projections, keeping every input, upstream
+gradient and cache. Then, for each kernel, it times the current method on all
+recorded calls of the step (one round) against a candidate written here,
+alternating the two for ``--repeats`` rounds, and reports the median
+milliseconds per step, the saving and the largest difference between the two
+results relative to the largest value (float32 rounding is about 1e-7). The
+AdamW step is measured the same way.
+
+The candidates that were worth it (attention's softmax reductions, LayerNorm,
+GELU, the embedding scatter, the clipping norm) are now minblip's own code;
+their before-and-after figures come from ``compare_revisions.py`` and are in
+README.md.
 """
 from __future__ import annotations
 
@@ -28,128 +30,6 @@ import common
 # ---------------------------------------------------------------------------
 # Candidates (float32, dropout off: the demo's setting)
 # ---------------------------------------------------------------------------
-
-def _row_sum(a2, np):
-    """Sum along the last axis of a 2-d array as a BLAS matrix-vector product:
-    NumPy's reductions along a short contiguous axis pay a per-row overhead."""
-    return a2 @ np.ones(a2.shape[1], a2.dtype)
-
-
-def _row_max(a2, np):
-    """Max along the last axis as an element-wise maximum over the columns."""
-    out = a2[:, 0].copy()
-    for j in range(1, a2.shape[1]):
-        np.maximum(out, a2[:, j], out=out)
-    return out
-
-
-def sdpa_forward(q, k, v, mask, np):
-    s = q @ k.swapaxes(-1, -2)  # (B,H,Tq,dh) @ (B,H,dh,Tk): a fresh contiguous array
-    s *= 1.0 / math.sqrt(q.shape[-1])
-    if mask is not None:
-        s += np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(s.dtype)[:, None]
-    r = s.reshape(-1, s.shape[-1])
-    m = _row_max(r, np)
-    m[~np.isfinite(m)] = 0.0
-    r -= m[:, None]
-    np.exp(r, out=r)
-    total = _row_sum(r, np)
-    total[total == 0.0] = 1.0
-    r /= total[:, None]
-    return s @ v, (q, k, v, s)
-
-
-def sdpa_backward(dout, cache, np):
-    q, k, v, p = cache
-    dv = p.swapaxes(-1, -2) @ dout
-    dp = dout @ v.swapaxes(-1, -2)
-    Tk = p.shape[-1]
-    dp2, p2 = dp.reshape(-1, Tk), p.reshape(-1, Tk)
-    dp2 -= _row_sum(dp2 * p2, np)[:, None]
-    dp2 *= p2
-    dp2 *= 1.0 / math.sqrt(q.shape[-1])
-    return dp @ k, dp.swapaxes(-1, -2) @ q, dv
-
-
-def layernorm_forward(x, gamma, beta, eps, np):
-    D = x.shape[-1]
-    w = np.full(D, 1.0 / D, x.dtype)
-    x2 = x.reshape(-1, D)
-    xc = x2 - (x2 @ w)[:, None]
-    var = (xc * xc) @ w
-    var += eps
-    np.sqrt(var, out=var)
-    rstd = np.reciprocal(var)[:, None]
-    xc *= rstd
-    y = xc * gamma
-    y += beta
-    return y.reshape(x.shape), (xc, rstd, x.shape)
-
-
-def layernorm_backward(dy, cache, gamma, np):
-    xhat, rstd, shape = cache
-    D = shape[-1]
-    dy2 = dy.reshape(-1, D)
-    ones = np.ones(dy2.shape[0], dy2.dtype)
-    dgamma = ones @ (dy2 * xhat)
-    dbeta = ones @ dy2
-    dxhat = dy2 * gamma
-    w = np.full(D, 1.0 / D, dy2.dtype)
-    dx = dxhat - (dxhat @ w)[:, None]
-    dx -= xhat * ((dxhat * xhat) @ w)[:, None]
-    dx *= rstd
-    return dx.reshape(shape), dgamma, dbeta
-
-
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def gelu_forward(x, np):
-    """Exact GELU with A&S 7.1.26 like minblip's float32 erf, in place where
-    possible, keeping exp(-x^2/2) (the erf's own exponential) for the backward."""
-    f32 = np.float32
-    az = np.abs(x)
-    az *= f32(1.0 / math.sqrt(2.0))
-    np.minimum(az, f32(6.0), out=az)
-    t = az * f32(_AS_P)
-    t += f32(1.0)
-    np.reciprocal(t, out=t)
-    poly = t * f32(_AS_A[4])
-    for a in _AS_A[3::-1]:
-        poly += f32(a)
-        poly *= t
-    e = az
-    np.square(e, out=e)
-    np.negative(e, out=e)
-    np.exp(e, out=e)  # exp(-x^2/2) while |x| < 6 sqrt(2); beyond, both ends are 0 or 1
-    poly *= e
-    np.negative(poly, out=poly)
-    poly += f32(1.0)  # erf(|x|/sqrt 2)
-    np.copysign(poly, x, out=poly)
-    poly += f32(1.0)
-    poly *= f32(0.5)  # cdf
-    return x * poly, (x, poly, e)
-
-
-def gelu_backward(dy, cache, np):
-    x, cdf, e = cache
-    g = x * e
-    g *= np.float32(1.0 / math.sqrt(2.0 * math.pi))
-    g += cdf
-    g *= dy
-    return g
-
-
-def embedding_backward(grad, ids, dout, np):
-    """Sort the ids once, sum each id's rows with reduceat, add once per id."""
-    ids = ids.reshape(-1)
-    d = dout.reshape(ids.size, -1)
-    order = np.argsort(ids, kind="stable")
-    s = ids[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    grad[s[starts]] += np.add.reduceat(d[order], starts, axis=0)
-
 
 def fused_qkv(x, mha, dq, dk, dv, np):
     """Self-attention q, k, v as one (D, 3D) product, forward and backward."""
@@ -167,86 +47,15 @@ def fused_qkv(x, mha, dq, dk, dv, np):
 
 
 # ---------------------------------------------------------------------------
-# All candidates at once: minblip's classes get the candidate methods for the
-# duration of one step (in this process only), to measure the combined gain
-# ---------------------------------------------------------------------------
-
-def candidate_methods(np):
-    """{(class, method name): replacement} with the contract's signatures;
-    each falls back to the original outside the demo's setting. The bias
-    gradient and the fused q/k/v are left out: alone they saved nothing."""
-    from minblip.attention import ScaledDotProductAttention
-    from minblip.layers import GELU, Embedding, LayerNorm
-    orig = {(cls, name): getattr(cls, name) for cls, name in (
-        (ScaledDotProductAttention, "forward"), (ScaledDotProductAttention, "backward"),
-        (GELU, "forward"), (GELU, "backward"))}
-
-    def sdpa_fwd(self, q, k, v, mask=None, rng=None):
-        if rng is not None and self.dropout.p:
-            return orig[ScaledDotProductAttention, "forward"](self, q, k, v, mask, rng)
-        out, cache = sdpa_forward(q, k, v, mask, np)
-        return out, ("candidate",) + cache
-
-    def sdpa_bwd(self, dout, cache):
-        if cache[0] != "candidate":
-            return orig[ScaledDotProductAttention, "backward"](self, dout, cache)
-        return sdpa_backward(dout, cache[1:], np)
-
-    def ln_fwd(self, x):
-        return layernorm_forward(x, self.gamma.data, self.beta.data, self.eps, np)
-
-    def ln_bwd(self, dy, cache):
-        dx, dgamma, dbeta = layernorm_backward(dy, cache, self.gamma.data, np)
-        self.gamma.grad += dgamma
-        self.beta.grad += dbeta
-        return dx
-
-    def gelu_fwd(self, x):
-        if x.dtype != np.float32 or self.approximate != "none":
-            return orig[GELU, "forward"](self, x)
-        out, cache = gelu_forward(x, np)
-        return out, ("candidate",) + cache
-
-    def gelu_bwd(self, dy, cache):
-        if cache[0] != "candidate":
-            return orig[GELU, "backward"](self, dy, cache)
-        return gelu_backward(dy, cache[1:], np)
-
-    def emb_bwd(self, dout, cache):
-        embedding_backward(self.weight.grad, cache, dout, np)
-
-    return {(ScaledDotProductAttention, "forward"): sdpa_fwd,
-            (ScaledDotProductAttention, "backward"): sdpa_bwd,
-            (LayerNorm, "forward"): ln_fwd, (LayerNorm, "backward"): ln_bwd,
-            (GELU, "forward"): gelu_fwd, (GELU, "backward"): gelu_bwd,
-            (Embedding, "backward"): emb_bwd}
-
-
-def patched(fn, methods):
-    """``fn`` run with ``methods`` swapped in, the originals restored after."""
-    def run():
-        saved = {key: getattr(*key) for key in methods}
-        for (cls, name), new in methods.items():
-            setattr(cls, name, new)
-        try:
-            return fn()
-        finally:
-            for (cls, name), old in saved.items():
-                setattr(cls, name, old)
-    return run
-
-
-# ---------------------------------------------------------------------------
 # Recording one step
 # ---------------------------------------------------------------------------
 
 def record_step(step):
-    from minblip.attention import MultiHeadAttention, ScaledDotProductAttention
-    from minblip.layers import GELU, Embedding, LayerNorm, Linear
+    from minblip.attention import MultiHeadAttention
+    from minblip.layers import Linear
     from minblip.vit import PatchEmbed
 
-    rec = {"sdpa": [], "layernorm": [], "gelu": [], "embedding": [], "qkv": [], "patch": [],
-           "linear": []}
+    rec = {"qkv": [], "patch": [], "linear": []}
     by_cache = {}
     restore = []
 
@@ -275,15 +84,10 @@ def record_step(step):
         cls.backward = backward
         restore.append((cls, "backward", orig))
 
-    wrap_forward(ScaledDotProductAttention, "sdpa")
-    wrap_forward(LayerNorm, "layernorm")
-    wrap_forward(GELU, "gelu")
     wrap_forward(MultiHeadAttention, "qkv",
                  keep=lambda self, args, kw: (len(args) < 2 or args[1] is None)
                  and kw.get("context") is None and kw.get("past_kv") is None)
-    for cls in (ScaledDotProductAttention, LayerNorm, GELU, MultiHeadAttention):
-        wrap_backward(cls)
-    wrap_backward(Embedding, "embedding")
+    wrap_backward(MultiHeadAttention)
     wrap_backward(PatchEmbed, "patch")
     wrap_backward(Linear, "linear")
     try:
@@ -291,8 +95,7 @@ def record_step(step):
     finally:
         for cls, name, orig in restore:
             setattr(cls, name, orig)
-    for kernel in ("sdpa", "layernorm", "gelu", "qkv"):
-        rec[kernel] = [e for e in rec[kernel] if e["dout"] is not None]
+    rec["qkv"] = [e for e in rec["qkv"] if e["dout"] is not None]
     return rec
 
 
@@ -303,106 +106,7 @@ def _rel(a, b, np) -> float:
 
 def kernels(rec, step, np):
     """name -> (current round, candidate round, check) callables."""
-    from minblip.optim import clip_grad_norm
     out = {}
-
-    sdpa_calls = rec["sdpa"]
-    if all(e["module"].dropout.p == 0.0 for e in sdpa_calls):
-        def cur_sdpa():
-            for e in sdpa_calls:
-                m = e["module"]
-                m.backward(e["dout"], m.forward(*e["args"], **e["kw"])[1])
-
-        def new_sdpa():
-            for e in sdpa_calls:
-                q, k, v, mask = (list(e["args"]) + [None])[:4]
-                sdpa_backward(e["dout"], sdpa_forward(q, k, v, mask, np)[1], np)
-
-        def check_sdpa():
-            worst = 0.0
-            for e in sdpa_calls:
-                m = e["module"]
-                q, k, v, mask = (list(e["args"]) + [None])[:4]
-                o1, c1 = m.forward(*e["args"], **e["kw"])
-                o2, c2 = sdpa_forward(q, k, v, mask, np)
-                worst = max([worst, _rel(o2, o1, np)] + [_rel(b, a, np) for a, b in zip(
-                    m.backward(e["dout"], c1), sdpa_backward(e["dout"], c2, np))])
-            return worst
-        out["attention softmax (SDPA fwd+bwd)"] = (cur_sdpa, new_sdpa, check_sdpa, len(sdpa_calls))
-
-    layernorm_calls = rec["layernorm"]
-
-    def cur_ln():
-        for e in layernorm_calls:
-            m = e["module"]
-            m.backward(e["dout"], m.forward(*e["args"])[1])
-
-    def new_ln():
-        for e in layernorm_calls:
-            m = e["module"]
-            c = layernorm_forward(e["args"][0], m.gamma.data, m.beta.data, m.eps, np)[1]
-            layernorm_backward(e["dout"], c, m.gamma.data, np)
-
-    def check_ln():
-        worst = 0.0
-        for e in layernorm_calls:
-            m = e["module"]
-            y1, c1 = m.forward(*e["args"])
-            g0, b0 = m.gamma.grad.copy(), m.beta.grad.copy()
-            dx1 = m.backward(e["dout"], c1)
-            dg1, db1 = m.gamma.grad - g0, m.beta.grad - b0
-            y2, c2 = layernorm_forward(e["args"][0], m.gamma.data, m.beta.data, m.eps, np)
-            dx2, dg2, db2 = layernorm_backward(e["dout"], c2, m.gamma.data, np)
-            worst = max(worst, _rel(y2, y1, np), _rel(dx2, dx1, np), _rel(dg2, dg1, np),
-                        _rel(db2, db1, np))
-        return worst
-    out["LayerNorm fwd+bwd"] = (cur_ln, new_ln, check_ln, len(layernorm_calls))
-
-    gelu_calls = rec["gelu"]
-    if all(e["args"][0].dtype == np.float32 and e["module"].approximate == "none"
-           for e in gelu_calls):
-        def cur_gelu():
-            for e in gelu_calls:
-                m = e["module"]
-                m.backward(e["dout"], m.forward(e["args"][0])[1])
-
-        def new_gelu():
-            for e in gelu_calls:
-                gelu_backward(e["dout"], gelu_forward(e["args"][0], np)[1], np)
-
-        def check_gelu():
-            worst = 0.0
-            for e in gelu_calls:
-                m = e["module"]
-                y1, c1 = m.forward(e["args"][0])
-                y2, c2 = gelu_forward(e["args"][0], np)
-                worst = max(worst, _rel(y2, y1, np),
-                            _rel(gelu_backward(e["dout"], c2, np), m.backward(e["dout"], c1), np))
-            return worst
-        out["GELU fwd+bwd (exact, float32)"] = (cur_gelu, new_gelu, check_gelu, len(gelu_calls))
-
-    embedding_calls = rec["embedding"]
-    scratch = {id(e["module"]): np.zeros_like(e["module"].weight.grad) for e in embedding_calls}
-
-    def cur_emb():
-        for e in embedding_calls:
-            np.add.at(scratch[id(e["module"])], e["cache"].reshape(-1),
-                      e["dout"].reshape(-1, e["module"].dim))
-
-    def new_emb():
-        for e in embedding_calls:
-            embedding_backward(scratch[id(e["module"])], e["cache"], e["dout"], np)
-
-    def check_emb():
-        worst = 0.0
-        for e in embedding_calls:
-            a = np.zeros_like(e["module"].weight.grad)
-            b = np.zeros_like(a)
-            np.add.at(a, e["cache"].reshape(-1), e["dout"].reshape(-1, e["module"].dim))
-            embedding_backward(b, e["cache"], e["dout"], np)
-            worst = max(worst, _rel(b, a, np))
-        return worst
-    out["Embedding backward (np.add.at)"] = (cur_emb, new_emb, check_emb, len(embedding_calls))
 
     qkv_calls = rec["qkv"]
     rng = np.random.default_rng(0)
@@ -474,21 +178,6 @@ def kernels(rec, step, np):
     opt = step.trainer.optimizer
     params = opt.params
 
-    def cur_clip():
-        clip_grad_norm(params, 1e30)
-
-    def new_clip():
-        total = 0.0
-        for p in params:
-            g = p.grad.reshape(-1).astype(np.float64)
-            total += float(g @ g)
-        return math.sqrt(total)
-
-    def check_clip():
-        a, b = clip_grad_norm(params, 1e30), new_clip()
-        return abs(a - b) / a
-    out["clip_grad_norm"] = (cur_clip, new_clip, check_clip, 1)
-
     saved = [(p.data.copy(), m.copy(), v.copy()) for p, m, v in zip(params, opt.m, opt.v)]
     flat = {name: np.concatenate([a.reshape(-1) for a in arrays]) for name, arrays in (
         ("p", [p.data for p in params]), ("g", [p.grad for p in params]),
@@ -540,19 +229,6 @@ def worker(args) -> dict:
             "saving_ms": round(c - n, 3), "saving_share_of_step": round((c - n) / step_ms, 4),
             "speedup": round(c / n, 2) if n > 0 else None,
             "max_rel_diff": None if diff is None else float(f"{diff:.2e}")}
-    # every candidate at once, against the current code, on the same trainer
-    methods = candidate_methods(np)
-    probe = MinblipStep()  # fresh weights: the first losses must agree
-    loss_now = probe.first.loss
-    loss_new = patched(lambda: MinblipStep().first.loss, methods)()
-    t = common.interleave({"current": step, "candidates": patched(step, methods)},
-                          max(repeats, 21), warmup=2)
-    c, n = (1e3 * float(np.median(t[k])) for k in ("current", "candidates"))
-    out["combined"] = {"current_ms": round(c, 2), "candidates_ms": round(n, 2),
-                       "speedup": round(c / n, 3),
-                       "paired_speedup": common.paired_ratio(t["current"], t["candidates"]),
-                       "first_loss": [loss_now, loss_new],
-                       "patched": sorted(f"{cls.__name__}.{name}" for cls, name in methods)}
     out["load_average_end"] = common.load_average()
     return out
 
@@ -574,11 +250,6 @@ def measure(threads=(1,), repeats=None) -> dict:
             print(f"   {name:<48} {k['calls_per_step']:>5} {k['current_ms']:>8.2f} "
                   f"{k['candidate_ms']:>8.2f} {k['saving_share_of_step']:>7.1%} "
                   f"{k['speedup']:>5.1f} {diff:>12}")
-        cb = r["combined"]
-        print(f"   all candidates at once ({', '.join(cb['patched'])}):")
-        print(f"   step {cb['current_ms']:.1f} -> {cb['candidates_ms']:.1f} ms, speedup "
-              f"{cb['paired_speedup']['median']:.2f} (median of paired rounds); first-step "
-              f"loss {cb['first_loss'][0]:.6f} vs {cb['first_loss'][1]:.6f}")
         print(f"   load {r['load_average_start']} -> {r['load_average_end']}")
     return {"per_threads": per}
 

@@ -62,16 +62,7 @@ def measure(threads=common.THREADS, repeats=None) -> dict:
         if "error" in r:
             print(f"   failed: {r['error']}")
             continue
-        print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f})")
-        if r["ratio"] is None:
-            print(f"   torch: not measured ({r['reason']})")
-            continue
-        fl = r["first_loss"]
-        print(f"   torch   {r['torch']['median_ms']:.1f} ms (min {r['torch']['min_ms']:.1f}); "
-              f"first-step loss minblip {fl['minblip']:.6f} vs torch {fl['torch']:.6f}")
-        print(f"   ratio minblip/torch: median {r['ratio']['median']:.2f} "
-              f"(quartiles {r['ratio']['quartiles'][0]:.2f}-{r['ratio']['quartiles'][1]:.2f}); "
-              f"load {r['load_average_start']} -> {r['load_average_end']}")
+        common.print_step_against_torch(r)
     return {"per_threads": per}
 
 

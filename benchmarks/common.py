@@ -112,7 +112,11 @@ def run_worker(script: str, threads: int, args: list[str] | None = None,
             return {"error": f"worker exited with {proc.returncode}: {tail}"}
         if proc.stderr.strip():
             sys.stderr.write(proc.stderr)
-        return json.loads(out.read_text())
+        return read_result(out)
+
+
+def read_result(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def write_result(path: str | None, result: dict) -> None:
@@ -153,6 +157,20 @@ def paired_ratio(num: list[float], den: list[float]) -> dict:
     return {"median": round(statistics.median(ratios), 3),
             "quartiles": [round(q[0], 3), round(q[2], 3)],
             "of_medians": round(statistics.median(num) / statistics.median(den), 3)}
+
+
+def print_step_against_torch(r: dict) -> None:
+    """The lines bench_train_step.py and bench_blip2_step.py print for one thread count."""
+    print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f})")
+    if r["ratio"] is None:
+        print(f"   torch: not measured ({r['reason']})")
+        return
+    fl = r["first_loss"]
+    print(f"   torch   {r['torch']['median_ms']:.1f} ms (min {r['torch']['min_ms']:.1f}); "
+          f"first-step loss minblip {fl['minblip']:.6f} vs torch {fl['torch']:.6f}")
+    print(f"   ratio minblip/torch: median {r['ratio']['median']:.2f} "
+          f"(quartiles {r['ratio']['quartiles'][0]:.2f}-{r['ratio']['quartiles'][1]:.2f}); "
+          f"load {r['load_average_start']} -> {r['load_average_end']}")
 
 
 def worker_args(argv=None):

@@ -1,17 +1,24 @@
 """Before and after: the same workloads timed on two revisions of minblip.
 
-    python benchmarks/compare_revisions.py BEFORE [AFTER] [--steps 25]
+    python benchmarks/compare_revisions.py BEFORE [AFTER] [--rounds 8] [--steps 12]
+                                            [--keep-freed-memory] [--workloads ...]
 
 BEFORE and AFTER are git revisions (AFTER defaults to the working tree, with
 its uncommitted changes). Each revision's ``minblip/`` is exported into a
-temporary folder with ``git archive``, and one worker process (one BLAS
-thread) imports both, under the names ``minblip_before`` and
-``minblip_after`` (the package imports itself only relatively, so two copies
-live side by side). Each workload is built once per revision from the same
-seeds, and runs of the two alternate, one of each per round, the order rotated
-every round, after two untimed rounds. The speedup is the median over rounds
-of before-time / after-time within a round (neighbours in time see the same
-machine load), quartiles beside it.
+temporary folder with ``git archive``. Then, for ``--rounds`` rounds, one
+fresh worker process per revision (one BLAS thread; the order alternates
+from round to round) builds the workloads and times each ``--steps`` times
+after two untimed runs. A round's ratio is before / after of the two workers'
+median times; the speedup is the median of the rounds' ratios, with
+quartiles.
+
+Why one process per revision, when the other scripts here interleave variants
+inside one process: a revision's speed depends on how it uses memory. glibc
+returns large freed blocks to the operating system, and a NumPy temporary
+that is allocated afresh is page-faulted in again, so code that makes fewer
+temporaries gains twice. Two revisions in one process would share one heap
+and blur that. ``--keep-freed-memory`` applies the ``mallopt`` setting of
+``python -m minblip`` (which keeps freed memory for reuse) in both workers.
 
 The workloads use only the public API that every revision since the training
 issue has, so older trees run them unchanged:
@@ -29,11 +36,11 @@ Like every script here it prints figures and asserts nothing.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import common
@@ -52,27 +59,27 @@ def export(rev: str | None, dest: Path) -> Path:
     return dest
 
 
-def load_package(tree: Path, name: str):
-    """Import ``tree/minblip`` as the top-level package ``name``."""
-    spec = importlib.util.spec_from_file_location(
-        name, tree / "minblip" / "__init__.py", submodule_search_locations=[str(tree / "minblip")])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    spec.loader.exec_module(package)
-    return package
+def keep_freed_memory() -> None:
+    """What ``python -m minblip`` does at start-up (``__main__.keep_freed_memory``),
+    restated here because older revisions do not have it."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
-def build_workloads(name: str) -> dict:
-    """{workload: callable} on fixed inputs, from the package imported as ``name``."""
+def build_workloads() -> dict:
+    """{workload: callable} on fixed inputs, from the minblip on sys.path."""
     import numpy as np
-
-    def mod(sub):
-        return importlib.import_module(f"{name}.{sub}")
-    world = mod("world")
-    Stage1Config, Stage1Trainer = mod("blip2").Stage1Config, mod("blip2").Stage1Trainer
-    generate, preprocess = mod("generation").generate, mod("image").preprocess
-    Trainer, TrainConfig = mod("train").Trainer, mod("train").TrainConfig
-    VisionTransformer = mod("vit").VisionTransformer
+    from minblip import world
+    from minblip.blip2 import Stage1Config, Stage1Trainer
+    from minblip.generation import generate
+    from minblip.image import preprocess
+    from minblip.train import Trainer, TrainConfig
+    from minblip.vit import VisionTransformer
 
     trainer = Trainer(TrainConfig(n_train=256, n_val=8, n_test=8))
     batch = trainer.sample_batch()
@@ -103,20 +110,35 @@ def build_workloads(name: str) -> dict:
 
 def worker(args) -> dict:
     common.check_worker_threads(1)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     import numpy as np
-    fns = {}
-    for side, tree in zip(("before", "after"), args.trees):
-        load_package(Path(tree), f"minblip_{side}")
-        fns[side] = build_workloads(f"minblip_{side}")
-    out = {"load_average_start": common.load_average(), "workloads": {}}
+    fns = build_workloads()
+    out = {}
     for name in args.workloads:
-        times = common.interleave({side: fns[side][name] for side in fns}, args.steps)
-        out["workloads"][name] = {
-            "before_ms": round(1e3 * float(np.median(times["before"])), 2),
-            "after_ms": round(1e3 * float(np.median(times["after"])), 2),
-            "speedup": common.paired_ratio(times["before"], times["after"])}
-    out["load_average_end"] = common.load_average()
+        for _ in range(2):
+            fns[name]()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            fns[name]()
+            times.append(time.perf_counter() - start)
+        out[name] = float(np.median(times))
     return out
+
+
+def run_tree(tree: Path, args) -> dict:
+    """One worker process on ``tree``: {workload: median seconds}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = common.thread_env(1)
+        env["PYTHONPATH"] = str(tree)  # this tree's minblip, and no other
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result",
+               str(result), "--steps", str(args.steps), "--workloads", *args.workloads]
+        if args.keep_freed_memory:
+            cmd.append("--keep-freed-memory")
+        subprocess.run(cmd, env=env, check=True, cwd=tmp)
+        return common.read_result(result)
 
 
 def main(argv=None) -> int:
@@ -124,13 +146,14 @@ def main(argv=None) -> int:
     p.add_argument("before", nargs="?", help="git revision measured first")
     p.add_argument("after", nargs="?", default=None,
                    help="git revision measured second (default: the working tree)")
-    p.add_argument("--steps", type=int, default=25, help="timed rounds per workload")
+    p.add_argument("--rounds", type=int, default=8, help="pairs of worker processes")
+    p.add_argument("--steps", type=int, default=12, help="timed runs per workload and worker")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="apply python -m minblip's mallopt setting in every worker")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, nargs="+", default=[1], help=argparse.SUPPRESS)
-    p.add_argument("--trees", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         common.write_result(args.result, worker(args))
@@ -138,22 +161,30 @@ def main(argv=None) -> int:
     if args.before is None:
         p.error("give the revision to compare against, e.g. HEAD")
 
+    load_start = common.load_average()
+    runs = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = [export(rev, Path(tmp) / side)
-                 for rev, side in ((args.before, "before"), (args.after, "after"))]
-        r = common.run_worker("compare_revisions.py", 1,
-                              ["--trees", *map(str, trees), "--steps", str(args.steps),
-                               "--workloads", *args.workloads])
-    if "error" in r:
-        print(f"failed: {r['error']}")
-        return 1
+        trees = {"before": export(args.before, Path(tmp) / "before"),
+                 "after": export(args.after, Path(tmp) / "after")}
+        for r in range(args.rounds):
+            for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                runs[side].append(run_tree(trees[side], args))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
     result = {"before": args.before, "after": args.after or "working tree",
-              "steps": args.steps, "threads": 1, **r}
-    print(f"{'workload':<16} {'before ms':>10} {'after ms':>10} {'speedup':>8}  quartiles")
-    for name, w in r["workloads"].items():
+              "rounds": args.rounds, "steps": args.steps, "threads": 1,
+              "keep_freed_memory": args.keep_freed_memory,
+              "load_average": [load_start, common.load_average()], "workloads": {}}
+    print(f"\n{'workload':<16} {'before ms':>10} {'after ms':>10} {'speedup':>8}  quartiles")
+    for name in args.workloads:
+        before = [run[name] for run in runs["before"]]
+        after = [run[name] for run in runs["after"]]
+        ratio = common.paired_ratio(before, after)
+        w = result["workloads"][name] = {
+            "before_ms": round(1e3 * statistics.median(before), 2),
+            "after_ms": round(1e3 * statistics.median(after), 2), "speedup": ratio}
         print(f"{name:<16} {w['before_ms']:>10.1f} {w['after_ms']:>10.1f} "
-              f"{w['speedup']['median']:>8.2f}  {w['speedup']['quartiles']}")
-    print(f"load average {r['load_average_start']} -> {r['load_average_end']}")
+              f"{ratio['median']:>8.2f}  {ratio['quartiles']}")
+    print(f"load average {result['load_average'][0]} -> {result['load_average'][1]}")
     common.write_result(args.json, result)
     return 0
 
