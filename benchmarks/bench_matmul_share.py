@@ -13,9 +13,12 @@ figures, for the demo-size ``Trainer.train_step`` on a fixed batch:
 
 * **share** (the headline): matrix-product seconds / step seconds, per step,
   median over the steps. The wrapper's own call costs about 0.2 us (measured
-  and reported as ``overhead_share``), well below the noise.
+  and reported as ``overhead_share``), well below the noise. A product with a
+  vector operand is not counted here but as ``reduction_share``: minblip sums
+  and averages short rows as ``x @ ones`` (``core.row_sum``, ``row_mean``),
+  which is a reduction done by BLAS, not a layer's product.
 * **cProfile share**: the same steps under cProfile, the wrappers' cumulative
-  time over the total. cProfile slows Python-heavy code more than BLAS, so
+  time over the total (reductions included). cProfile slows Python-heavy code more than BLAS, so
   this reads lower; it is a cross-check, and its table of the functions with
   the most own time is where the optimisation list comes from.
 * **replay share**: every product of one step (shapes and dtype recorded) run
@@ -40,7 +43,8 @@ class Stats:
     """Running totals of the timed products (one instance per worker)."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds = 0.0  # products of two matrices (or stacks of them)
+        self.reduction_seconds = 0.0  # products with a vector: row sums and means, norms
         self.calls = 0
         self.record = None  # a list while one step's shapes are being recorded
 
@@ -51,10 +55,16 @@ STATS = Stats()
 def timed_matmul(a, b):
     start = time.perf_counter()
     out = a @ b
-    STATS.seconds += time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    # x @ ones is how minblip sums short rows (core.row_sum): a reduction, not a layer's product
+    reduction = min(a.ndim, b.ndim) == 1
+    if reduction:
+        STATS.reduction_seconds += elapsed
+    else:
+        STATS.seconds += elapsed
     STATS.calls += 1
     if STATS.record is not None:
-        STATS.record.append(("matmul", (a.shape, b.shape), out.dtype))
+        STATS.record.append(("matvec" if reduction else "matmul", (a.shape, b.shape), out.dtype))
     return out
 
 
@@ -155,7 +165,7 @@ def replay_seconds(record) -> float:
     rng = np.random.default_rng(0)
     jobs = []
     for kind, shapes_or_args, extra in record:
-        if kind == "matmul":
+        if kind in ("matmul", "matvec"):
             (sa, sb), dtype = shapes_or_args, extra
             a = rng.standard_normal(sa).astype(dtype)
             b = rng.standard_normal(sb).astype(dtype)
@@ -221,13 +231,14 @@ def worker(args) -> dict:
     step = MinblipStep()
     for _ in range(3):
         step()
-    shares, step_s, mm_s, calls = [], [], [], []
+    shares, reduction_shares, step_s, mm_s, calls = [], [], [], [], []
     for _ in range(repeats):
-        STATS.seconds, STATS.calls = 0.0, 0
+        STATS.seconds, STATS.reduction_seconds, STATS.calls = 0.0, 0.0, 0
         start = time.perf_counter()
         step()
         elapsed = time.perf_counter() - start
         shares.append(STATS.seconds / elapsed)
+        reduction_shares.append(STATS.reduction_seconds / elapsed)
         step_s.append(elapsed)
         mm_s.append(STATS.seconds)
         calls.append(STATS.calls)
@@ -243,6 +254,7 @@ def worker(args) -> dict:
     out = {"threads": threads, "load_average_start": common.load_average(),
            "share": round(float(np.median(shares)), 4),
            "share_quartiles": [round(float(q), 4) for q in np.percentile(shares, [25, 75])],
+           "reduction_share": round(float(np.median(reduction_shares)), 4),
            "step_ms": common.summary_ms(step_s),
            "matmul_ms": common.summary_ms(mm_s),
            "products_per_step": int(np.median(calls)), "products_by_kind": by_kind,
@@ -268,6 +280,8 @@ def measure(threads=common.THREADS, repeats=None, top: int = 25) -> dict:
         print(f"   share {r['share']:.1%} (quartiles {r['share_quartiles'][0]:.1%}-"
               f"{r['share_quartiles'][1]:.1%}) of a {r['step_ms']['median_ms']:.1f} ms step, "
               f"{r['products_per_step']} products {r['products_by_kind']}")
+        print(f"   row reductions done as matrix-vector products (not counted above): "
+              f"{r['reduction_share']:.1%} of the step")
         print(f"   wrapper overhead {r['wrapper_overhead_us']:.2f} us/call = "
               f"{r['overhead_share']:.2%} of the step; replay on contiguous arrays "
               f"{r['replay_ms']:.1f} ms = {r['replay_share']:.1%}; cProfile share "

@@ -482,10 +482,10 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s "
 # * Measured in this run on 100 test images: stage-2 captions get colour right about
 #   four times in five, size about half the time, and shape and position rarely: the
 #   short BLIP run left its ViT poor at shapes, and nothing downstream can recover that.
-#   The LM reading true captions sets a reference of 0.71 mean attribute accuracy.
+#   The LM reading true captions sets a reference of 0.65 mean attribute accuracy.
 # * Zero-shot: stage 2 never saw a question, yet with the soft prompt the frozen LM
-#   answers "what colour is the ..." correctly about three times in four (chance 0.17,
-#   the LM without the image 0.19). Shape, size and count questions stay at chance, as
+#   answers "what colour is the ..." correctly more than half the time (0.55; chance
+#   0.17, the LM without the image 0.15). Shape, size and count questions stay at chance, as
 #   the captions predict. The numbers move with seeds and run lengths by several points
 #   (colour answers between about 0.35 and 0.75 in our trials).
 #
