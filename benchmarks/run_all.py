@@ -3,9 +3,11 @@
     python benchmarks/run_all.py [--skip-slow] [--repeats N] [--test-python PY]
 
 Runs, in this order: the training step against the PyTorch twin, the BLIP-2
-stage-1 step, caption generation with and without the cache, the
-matrix-product share, the candidate kernels and (unless ``--skip-slow``) the
-test command and the demo. Each prints its figures as it goes. The headline
+stage-1 step against its twin, caption generation with and without the cache,
+the matrix-product share, the candidate kernels and (unless ``--skip-slow``)
+the test command and the demo. Each prints its figures as it goes. Last, the
+performance table of README.md is rewritten from the new results
+(``readme_table.py``; ``--no-readme`` leaves it alone). The headline
 figures are taken at one BLAS thread (the setting the tests and notebooks
 use); every script also measures two threads, and results.json keeps both
 under ``details``. A figure that cannot be measured is null, with the reason
@@ -18,6 +20,7 @@ import datetime
 import json
 import sys
 import time
+from pathlib import Path
 
 import bench_blip2_step
 import bench_generation
@@ -26,6 +29,7 @@ import bench_matmul_share
 import bench_suite
 import bench_train_step
 import common
+import readme_table
 
 RESULTS = common.ROOT / "benchmarks" / "results.json"
 
@@ -40,6 +44,8 @@ def main(argv=None) -> int:
                    help="interpreter for the test command and the demo (needs pytest and "
                         "nbmake; default: this one)")
     p.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
+    p.add_argument("--no-readme", action="store_true",
+                   help="do not rewrite the performance table of README.md")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
@@ -103,6 +109,10 @@ def main(argv=None) -> int:
         print(f"   {key:<28} {value}" + (f"   ({reasons[key]})" if key in reasons else ""))
     print(f"   load average {result['load_average_start']} -> {result['load_average_end']}; "
           f"wrote {args.out}")
+    if not args.no_readme:
+        readme = common.ROOT / "README.md"
+        readme_table.update_readme(Path(args.out), readme)
+        print(f"   rewrote the performance table of {readme.name}")
     return 0
 
 

@@ -1,0 +1,49 @@
+"""The README's performance table is the one benchmarks/results.json gives.
+
+``benchmarks/run_all.py`` writes both; this keeps a hand edit of the table (or a
+results.json committed without its table) from going unnoticed.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_readme_table():
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # readme_table imports its neighbour common
+    try:
+        spec = importlib.util.spec_from_file_location("readme_table",
+                                                      ROOT / "benchmarks" / "readme_table.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_readme_table_matches_results_json():
+    rt = load_readme_table()
+    assert rt.update_readme(ROOT / "benchmarks" / "results.json", ROOT / "README.md",
+                            check=True), "run python benchmarks/readme_table.py"
+
+
+def test_table_says_what_is_missing_and_what_misses_its_target():
+    rt = load_readme_table()
+    table = rt.render({"train_step_ratio_vs_torch": 1.7, "by_threads": {
+        "train_step_ratio_vs_torch": {"1": 1.1, "2": 1.7}}, "demo_seconds": None})
+    row = next(line for line in table.splitlines() if line.startswith("| BLIP training"))
+    assert "1.10" in row and "1.70" in row and row.endswith("| **no** |")
+    demo = next(line for line in table.splitlines() if "wall time" in line and "demo" in line)
+    assert "not measured" in demo
+
+
+def test_markers_are_required(tmp_path):
+    rt = load_readme_table()
+    (tmp_path / "r.json").write_text(json.dumps({}))
+    (tmp_path / "README.md").write_text("# no markers here\n")
+    with pytest.raises(ValueError, match="performance table"):
+        rt.update_readme(tmp_path / "r.json", tmp_path / "README.md")
