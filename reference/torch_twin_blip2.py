@@ -51,6 +51,7 @@ from minblip.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from minblip.qformer import QFormerConfig
 from minblip.tokenizer import Tokenizer
 from minblip.vit import ViTConfig
+from torch_twin import TOLERANCES, _row, passes, print_table  # the BLIP twin's comparison table
 
 WORDS = "a an the red blue green circle square triangle small large left right of picture".split()
 CAPTIONS = ["a red circle", "a large blue square left of a green circle", "a small triangle",
@@ -453,14 +454,6 @@ def tiny_batch(model: Blip2Stage1, tok, seed: int = 0, batch: int = 4):
     return feats.astype(model.dtype), ids, mask
 
 
-def _row(name, mine, ref):
-    mine, ref = np.asarray(mine, np.float64), np.asarray(ref, np.float64)
-    diff = float(np.max(np.abs(mine - ref))) if ref.size else 0.0
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    return {"name": name, "shape": tuple(ref.shape), "max_ref": scale, "max_abs": diff,
-            "rel": diff / max(scale, 1e-300)}
-
-
 def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -543,16 +536,6 @@ def compare_training(model: Blip2Stage1, tok, steps: int = 4, seed: int = 0, bat
     return rows
 
 
-# (rtol, atol) per dtype: a tensor passes when max|diff| <= rtol * max|torch| + atol.
-# atol covers gradients that are zero in exact arithmetic (the attention key biases).
-TOLERANCES = {"float64": (1e-8, 1e-12), "float32": (1e-4, 1e-6)}
-
-
-def passes(row, dtype: str) -> bool:
-    rtol, atol = TOLERANCES[dtype]
-    return row["max_abs"] <= rtol * row["max_ref"] + atol
-
-
 def group_of(name: str) -> str:
     """A parameter group for the summary: the layer and the sub-block of a
     Q-Former tensor (``layer 0 crossattention``), else the module."""
@@ -580,16 +563,6 @@ def group_summary(rows) -> list[tuple[str, float, float]]:
             g[0] = max(g[0], r["rel"])
         g[1] = max(g[1], r["max_ref"])
     return [(name, rel, ref) for name, (rel, ref) in groups.items()]
-
-
-def print_table(rows, dtype: str) -> None:
-    width = max(len(r["name"]) for r in rows)
-    print(f"{'tensor':<{width}}  {'shape':<14} {'max|torch|':>11} {'max abs diff':>13} "
-          f"{'rel diff':>10}  ok")
-    for r in rows:
-        ok = "ok" if passes(r, dtype) else "FAIL"
-        print(f"{r['name']:<{width}}  {str(r['shape']):<14} {r['max_ref']:>11.3e} "
-              f"{r['max_abs']:>13.3e} {r['rel']:>10.2e}  {ok}")
 
 
 def main(argv=None) -> int:

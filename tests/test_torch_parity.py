@@ -217,6 +217,8 @@ def test_beam_search_tokens_with_early_ends(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 def load_twin_module(name="torch_twin"):
+    if str(ROOT / "reference") not in sys.path:  # torch_twin_blip2 imports torch_twin
+        sys.path.insert(0, str(ROOT / "reference"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "reference" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
