@@ -98,8 +98,10 @@ class Module:
 
     @property
     def dtype(self):
-        ps = self.params()
-        return ps[0].dtype if ps else np.dtype(DEFAULT_DTYPE)
+        """The dtype of the first Param (``to`` gives every Param the same one)."""
+        for _, p in _walk(self, "", set()):  # stop at the first: no walk of the whole tree
+            return p.dtype
+        return np.dtype(DEFAULT_DTYPE)
 
 
 def _walk(obj, prefix: str, visiting: set) -> Iterator[tuple[str, Param]]:
