@@ -35,7 +35,7 @@ import numpy as np
 
 from . import world
 from .core import Module, Param, check_float, check_ndim
-from .evaluate import recall_at_k
+from .evaluate import recall_at_k, rerank_with_itm
 from .generation import generate
 from .image import preprocess
 from .layers import LayerNorm, Linear
@@ -682,26 +682,12 @@ def retrieval_scores(model: Blip2Stage1, tokenizer: Tokenizer, captions, *, imag
     itc = np.einsum("iqe,te->itq", image_feats, text_feat).max(axis=-1)  # (N images, N texts)
     if not k_test:
         return itc, None
-    N, k = len(ids), min(k_test, len(ids))
-    top_t = np.argsort(-itc, axis=1)[:, :k]    # for each image, its best texts
-    top_i = np.argsort(-itc.T, axis=1)[:, :k]  # for each text, its best images
-    pairs = sorted({(i, int(t)) for i in range(N) for t in top_t[i]}
-                   | {(int(i), t) for t in range(N) for i in top_i[t]})
-    pi = np.array([p[0] for p in pairs])
-    pt = np.array([p[1] for p in pairs])
-    match = np.concatenate([model.itm_logits(embeds[pi[s:s + 256]], ids[pt[s:s + 256]],
-                                             mask[pt[s:s + 256]])[:, 1]
-                            for s in range(0, len(pairs), 256)])
-    score = dict(zip(pairs, match + itc[pi, pt]))
-    i2t = np.full((N, N), -100.0)
-    t2i = np.full((N, N), -100.0)
-    for i in range(N):
-        for t in top_t[i]:
-            i2t[i, t] = score[(i, int(t))]
-    for t in range(N):
-        for i in top_i[t]:
-            t2i[t, i] = score[(int(i), t)]
-    return itc, (i2t, t2i)
+
+    def match_logit(img, txt):  # in chunks of 256 pairs, as the encoders above
+        return np.concatenate([model.itm_logits(embeds[img[s:s + 256]], ids[txt[s:s + 256]],
+                                                mask[txt[s:s + 256]])[:, 1]
+                               for s in range(0, len(img), 256)])
+    return itc, rerank_with_itm(itc, k_test, match_logit)
 
 
 def retrieval_metrics(model: Blip2Stage1, tokenizer: Tokenizer, captions, *, images=None,

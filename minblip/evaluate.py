@@ -64,28 +64,39 @@ def retrieval_scores(model: BLIP, tokenizer: Tokenizer, pixels, captions, k_test
     image_embeds, image_feat = image_features(model, pixels)
     text_feat = text_features(model, ids, mask)
     sim = image_feat @ text_feat.T  # (N, N) cosine similarities
-    N = len(captions)
+    i2t, t2i = rerank_with_itm(
+        sim, k_test, lambda img, txt: itm_match_logits(model, tokenizer, image_embeds[img],
+                                                       ids[txt], mask[txt])[:, 1])
+    return sim, i2t, t2i
+
+
+def rerank_with_itm(sim, k_test: int, match_logit):
+    """BLIP's two-stage retrieval (``evaluation`` in salesforce/BLIP train_retrieval.py):
+    each query's ``k_test`` best candidates by ``sim`` (N images, N texts) get the
+    score ITM match logit + ``sim``, every other pair -100.
+
+    ``match_logit(img_idx, txt_idx)`` -> (P,) ITM match logits of the P pairs.
+    Returns (i2t (N, N), t2i (N, N)).
+    """
+    N = len(sim)
     k = min(k_test, N)
-    i2t = np.full((N, N), -100.0)
-    t2i = np.full((N, N), -100.0)
     # every (image, text) pair that some query short-lists is scored by ITM once
     top_t = np.argsort(-sim, axis=1)[:, :k]    # for each image, its best texts
     top_i = np.argsort(-sim.T, axis=1)[:, :k]  # for each text, its best images
-    pairs = {(i, int(t)) for i in range(N) for t in top_t[i]}
-    pairs |= {(int(i), t) for t in range(N) for i in top_i[t]}
-    pairs = sorted(pairs)
+    pairs = sorted({(i, int(t)) for i in range(N) for t in top_t[i]}
+                   | {(int(i), t) for t in range(N) for i in top_i[t]})
     img_idx = np.array([p[0] for p in pairs])
     txt_idx = np.array([p[1] for p in pairs])
-    logits = itm_match_logits(model, tokenizer, image_embeds[img_idx], ids[txt_idx],
-                              mask[txt_idx])
-    score = dict(zip(pairs, logits[:, 1] + sim[img_idx, txt_idx]))
+    score = dict(zip(pairs, match_logit(img_idx, txt_idx) + sim[img_idx, txt_idx]))
+    i2t = np.full((N, N), -100.0)
+    t2i = np.full((N, N), -100.0)
     for i in range(N):
         for t in top_t[i]:
             i2t[i, t] = score[(i, int(t))]
     for t in range(N):
         for i in top_i[t]:
             t2i[t, i] = score[(int(i), t)]
-    return sim, i2t, t2i
+    return i2t, t2i
 
 
 def retrieval_metrics(model, tokenizer, pixels, captions, k_test: int = 16) -> dict:
