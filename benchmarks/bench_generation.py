@@ -96,21 +96,13 @@ def measure(threads=common.THREADS, repeats=None) -> dict:
 
 
 def headline(result: dict, threads: str = "1", setting: str = "greedy"):
-    r = result["per_threads"].get(threads)
-    if r is None:
-        return None, f"not measured with {threads} thread(s)"
-    if "error" in r:
-        return None, r["error"]
-    return r["settings"][setting]["speedup"]["median"], None
+    r, why = common.measured(result, threads)
+    return (None, why) if r is None else (r["settings"][setting]["speedup"]["median"], None)
 
 
 def main(argv=None) -> int:
     args = common.worker_args().parse_args(argv)
-    if args.worker:
-        common.write_result(args.result, worker(args))
-        return 0
-    common.write_result(args.json, measure(args.threads, args.repeats))
-    return 0
+    return common.run_script(args, worker, lambda: measure(args.threads, args.repeats))
 
 
 if __name__ == "__main__":

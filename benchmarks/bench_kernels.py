@@ -258,11 +258,7 @@ def main(argv=None) -> int:
     p = common.worker_args()
     p.set_defaults(threads=[1])
     args = p.parse_args(argv)
-    if args.worker:
-        common.write_result(args.result, worker(args))
-        return 0
-    common.write_result(args.json, measure(args.threads, args.repeats))
-    return 0
+    return common.run_script(args, worker, lambda: measure(args.threads, args.repeats))
 
 
 if __name__ == "__main__":

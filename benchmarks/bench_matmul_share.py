@@ -296,23 +296,15 @@ def measure(threads=common.THREADS, repeats=None, top: int = 25) -> dict:
 
 
 def headline(result: dict, threads: str = "1"):
-    r = result["per_threads"].get(threads)
-    if r is None:
-        return None, f"not measured with {threads} thread(s)"
-    if "error" in r:
-        return None, r["error"]
-    return r["share"], None
+    r, why = common.measured(result, threads)
+    return (None, why) if r is None else (r["share"], None)
 
 
 def main(argv=None) -> int:
     p = common.worker_args()
     p.add_argument("--top", type=int, default=25, help="functions listed from the profile")
     args = p.parse_args(argv)
-    if args.worker:
-        common.write_result(args.result, worker(args))
-        return 0
-    common.write_result(args.json, measure(args.threads, args.repeats, args.top))
-    return 0
+    return common.run_script(args, worker, lambda: measure(args.threads, args.repeats, args.top))
 
 
 if __name__ == "__main__":

@@ -66,25 +66,12 @@ def measure(threads=common.THREADS, repeats=None) -> dict:
     return {"per_threads": per}
 
 
-def headline(result: dict, threads: str = "1") -> tuple[float | None, str | None]:
-    r = result["per_threads"].get(threads)
-    if r is None:
-        return None, f"not measured with {threads} thread(s)"
-    if "error" in r:
-        return None, r["error"]
-    if r["ratio"] is None:
-        return None, r["reason"]
-    return r["ratio"]["median"], None
+headline = common.ratio_headline
 
 
 def main(argv=None) -> int:
     args = common.worker_args().parse_args(argv)
-    if args.worker:
-        common.write_result(args.result, worker(args))
-        return 0
-    result = measure(args.threads, args.repeats)
-    common.write_result(args.json, result)
-    return 0
+    return common.run_script(args, worker, lambda: measure(args.threads, args.repeats))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,36 @@ def paired_ratio(num: list[float], den: list[float]) -> dict:
             "of_medians": round(statistics.median(num) / statistics.median(den), 3)}
 
 
+def measured(result: dict, threads: str) -> tuple[dict | None, str | None]:
+    """(a script's figures at this thread count, None), or (None, why there are none)."""
+    r = result["per_threads"].get(threads)
+    if r is None:
+        return None, f"not measured with {threads} thread(s)"
+    if "error" in r:
+        return None, r["error"]
+    return r, None
+
+
+def ratio_headline(result: dict, threads: str = "1") -> tuple[float | None, str | None]:
+    """The median minblip / PyTorch ratio of bench_train_step.py or bench_blip2_step.py."""
+    r, why = measured(result, threads)
+    if r is None:
+        return None, why
+    if r["ratio"] is None:
+        return None, r["reason"]
+    return r["ratio"]["median"], None
+
+
+def run_script(args, worker, measure) -> int:
+    """A script's main: ``--worker`` measures in this process, otherwise ``measure()``
+    starts the workers; either way the figures go to the JSON file asked for."""
+    if args.worker:
+        write_result(args.result, worker(args))
+    else:
+        write_result(args.json, measure())
+    return 0
+
+
 def print_step_against_torch(r: dict) -> None:
     """The lines bench_train_step.py and bench_blip2_step.py print for one thread count."""
     print(f"   minblip {r['minblip']['median_ms']:.1f} ms (min {r['minblip']['min_ms']:.1f})")
