@@ -307,9 +307,17 @@ class LanguageModel(Module):
         return self.embed_tokens.weight.dtype
 
     # ---- forward ------------------------------------------------------------------
+    def _checked_embeds(self, x, name: str, length: str):
+        """x (B, length, D) float -> x in the model's dtype, or a named error."""
+        D = self.cfg.width
+        check_float(x, name)
+        check_ndim(x, 3, name, f"(B, {length}, {D})")
+        if x.shape[-1] != D:
+            raise ValueError(f"{name}: expected width {D} (the LM width), got shape {x.shape}")
+        return x.astype(self.dtype, copy=False)
+
     def _embed(self, ids, inputs_embeds, prefix_embeds):
         """Validates the inputs and builds [prefix | tokens]; returns the pieces."""
-        D = self.cfg.width
         if ids is not None and inputs_embeds is not None:
             raise ValueError("LanguageModel: give ids or inputs_embeds, not both")
         c_tok = None
@@ -320,21 +328,11 @@ class LanguageModel(Module):
                                  f"got shape {ids.shape}")
             tok, c_tok = self.embed_tokens.forward(ids)  # (B, T) -> (B, T, D)
         elif inputs_embeds is not None:
-            check_float(inputs_embeds, "inputs_embeds")
-            check_ndim(inputs_embeds, 3, "inputs_embeds", f"(B, T, {D})")
-            if inputs_embeds.shape[-1] != D:
-                raise ValueError(f"inputs_embeds: expected width {D}, got shape "
-                                 f"{inputs_embeds.shape}")
-            tok = inputs_embeds.astype(self.dtype, copy=False)
+            tok = self._checked_embeds(inputs_embeds, "inputs_embeds", "T")
         else:
             tok = None
         if prefix_embeds is not None:
-            check_float(prefix_embeds, "prefix_embeds")
-            check_ndim(prefix_embeds, 3, "prefix_embeds", f"(B, P, {D})")
-            if prefix_embeds.shape[-1] != D:
-                raise ValueError(f"prefix_embeds: expected width {D} (the LM width), got shape "
-                                 f"{prefix_embeds.shape}")
-            prefix_embeds = prefix_embeds.astype(self.dtype, copy=False)
+            prefix_embeds = self._checked_embeds(prefix_embeds, "prefix_embeds", "P")
             if tok is not None and tok.shape[0] != prefix_embeds.shape[0]:
                 raise ValueError(f"prefix_embeds: batch size {prefix_embeds.shape[0]} does not "
                                  f"match the {tok.shape[0]} texts")
