@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import sys
 import time
 from pathlib import Path
@@ -68,71 +67,33 @@ def _print_table(metrics: dict) -> None:
     print(f"{'training time (s)':<34} {metrics['train_seconds']:>8.1f}")
 
 
-def run_report(trainer, out: Path) -> dict:
-    """Evaluate a trained model on the test and compositional splits and write
-    the report folder (plots, captions, metrics.json)."""
-    from . import report
-    from .evaluate import evaluate_split, retrieval_scores
-    from .image import denormalize, preprocess
-
-    model, tok, cfg, data = trainer.model, trainer.tokenizer, trainer.cfg, trainer.dataset
-    start = time.perf_counter()
-    metrics, captions = evaluate_split(model, tok, data.test, cfg.image_size, seed=cfg.seed)
-    comp, comp_captions = evaluate_split(model, tok, data.compositional, cfg.image_size,
-                                         seed=cfg.seed)
-    metrics["compositional"] = comp
-    metrics["train_seconds"] = trainer.train_seconds
-    metrics["eval_seconds"] = time.perf_counter() - start
-    metrics["steps"] = trainer.step
-    metrics["parameters"] = model.param_count()
-    metrics["config"] = cfg.to_dict()
-    report.write_json(out / "metrics.json", metrics)
-    with open(out / "captions.jsonl", "w") as f:
-        for split, caps in ((data.test, captions), (data.compositional, comp_captions)):
-            for scene, truth, gen in zip(split.scenes, split.captions, caps):
-                f.write(json.dumps({"split": split.name, "generated": gen, "truth": truth,
-                                    "scene": scene.to_dict()}) + "\n")
-
-    pixels = preprocess(data.test.images, cfg.image_size)
-    images = denormalize(pixels)
-    n = min(16, len(images))
-    sim, _, t2i = retrieval_scores(model, tok, pixels[:n], data.test.captions[:n])
-    report.plot_losses(trainer.history, out / "loss_curves.png")
-    report.plot_similarity(sim, out / "similarity_matrix.png", n=n)
-    report.plot_retrieval(images, data.test.captions, t2i, out / "retrieval_examples.png",
-                          n_queries=min(4, n))
-    report.plot_captions(images, captions, data.test.captions, out / "captions.png")
-    sal = report.itm_patch_saliency(model, tok, pixels[:6], data.test.captions[:6])
-    report.plot_itm_heatmaps(images, data.test.captions, sal, out / "itm_heatmap.png")
-    return metrics
-
-
 def cmd_demo(args) -> int:
-    from .train import Trainer
+    from .demo import write_demo_report
+    from .train import blip_trainer
     cfg = _config_from(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"minblip demo: {cfg.steps} steps of batch {cfg.batch_size} on {cfg.n_train} "
           f"generated images; report in {out}/")
-    trainer = Trainer(cfg)
+    trainer = blip_trainer(cfg)
     print(f"model: {trainer.model.param_count():,} parameters")
     trainer.run(progress=not args.quiet, checkpoint_path=out / "checkpoint.npz")
-    metrics = run_report(trainer, out)
+    metrics = write_demo_report(trainer, out)
     _print_table(metrics)
     print(f"\nwrote {out}/metrics.json, plots and checkpoint.npz")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .train import Trainer
+    from .train import blip_trainer, resume_blip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.npz"
     if args.resume:
-        trainer = Trainer.resume(ckpt)
+        trainer = resume_blip(ckpt)
         print(f"resuming {ckpt} at step {trainer.step} of {trainer.cfg.steps}")
     else:
-        trainer = Trainer(_config_from(args))
+        trainer = blip_trainer(_config_from(args))
     trainer.run(progress=not args.quiet, checkpoint_path=ckpt)
     print(f"saved {ckpt} (step {trainer.step}, {trainer.train_seconds:.1f} s of training)")
     return 0
@@ -230,7 +191,7 @@ def cmd_capfilt(args) -> int:
 
 
 def cmd_blip2(args) -> int:
-    from .blip2_pipeline import Blip2RunConfig, format_table, run_blip2
+    from .blip2_pipeline import Blip2RunConfig, format_blip2_table, run_blip2
     cfg = Blip2RunConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                          batch_size=args.batch_size, vision_steps=args.vision_steps,
                          stage1_steps=args.stage1_steps, lm_steps=args.lm_steps,
@@ -240,7 +201,7 @@ def cmd_blip2(args) -> int:
           f"{cfg.n_train} generated images; report in {out}/")
     metrics = run_blip2(out, cfg, vision_checkpoint=args.vision_checkpoint,
                         progress=not args.quiet, log=print)
-    print("\n" + format_table(metrics))
+    print("\n" + format_blip2_table(metrics))
     print(f"\nwrote {out}/metrics.json, captions.jsonl, answers.jsonl and plots")
     return 0
 

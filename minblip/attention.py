@@ -136,7 +136,7 @@ class MultiHeadAttention(Module):
         v, _ = self.value.forward(source)
         return split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
-    def _check(self, x, context, mask):
+    def _check(self, x, context):
         check_float(x, "attention input")
         check_ndim(x, 3, "attention input", "(B, T, D)")
         if x.shape[-1] != self.d_model:
@@ -163,7 +163,7 @@ class MultiHeadAttention(Module):
 
         Returns out (B, T, D) and the cache.
         """
-        self._check(x, context, mask)
+        self._check(x, context)
         B, T, _ = x.shape
         q_lin, c_q = self.query.forward(x)
         q = split_heads(q_lin, self.n_heads)

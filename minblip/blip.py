@@ -27,8 +27,10 @@ import numpy as np
 
 from .core import Module, Param, check_float
 from .layers import Linear
+from .objectives import (NextTokenLoss, check_negatives, hard_negative_weights, itc_backward,
+                         itc_forward, itm_labels, sample_negatives)
 from .softmax import CrossEntropyLoss, L2Normalize, softmax
-from .text import SHARING_MODES, TextConfig, TextDecoder, TextTransformer, build_med
+from .text import SHARING_MODES, TextConfig, build_med
 from .vit import ViTConfig, VisionTransformer
 
 
@@ -109,110 +111,6 @@ class BLIP(Module):
 
 
 # ---------------------------------------------------------------------------------------
-# ITC
-# ---------------------------------------------------------------------------------------
-
-def itc_forward(image_feat, text_feat, temp: Param, image_bank=None, text_bank=None,
-                soft_i2t=None, soft_t2i=None):
-    """Image-text contrastive loss.
-
-    image_feat, text_feat: (B, E) L2-normalised online features.
-    With no banks, every image is contrasted with every text of the batch (the
-    n x n similarity matrix, plain InfoNCE). BLIP's momentum distillation
-    passes ``text_bank``/``image_bank`` (K, E): momentum features of the batch
-    first, then the queue; they are constants. ``soft_i2t``/``soft_t2i`` (B, K)
-    replace the one-hot targets (positives are column b of row b in both layouts).
-
-    loss = (CE(image_feat @ text_all.T / temp) + CE(text_feat @ image_all.T / temp)) / 2
-
-    Returns (loss, cache): ``cache["sim_i2t"]`` and ``cache["sim_t2i"]`` are the
-    logits (B, K) divided by temp (``pretrain_step`` samples the ITM negatives from
-    them); ``cache["loss"]`` holds whatever :func:`itc_backward` needs. Exercise 5.1
-    (notebooks/05_itc).
-    """
-    B = image_feat.shape[0]
-    if text_feat.shape[0] != B:
-        raise ValueError(f"ITC: {B} images but {text_feat.shape[0]} texts")
-    ### BEGIN SOLUTION
-    text_all = text_feat if text_bank is None else text_bank
-    image_all = image_feat if image_bank is None else image_bank
-    t = temp.data
-    sim_i2t = image_feat @ text_all.T  # (B, E) @ (E, K) -> (B, K) cosine similarities
-    sim_t2i = text_feat @ image_all.T
-    ce = CrossEntropyLoss()
-    hard = np.arange(B)
-    loss_i2t, c_i2t = ce.forward(sim_i2t / t, hard if soft_i2t is None else soft_i2t)
-    loss_t2i, c_t2i = ce.forward(sim_t2i / t, hard if soft_t2i is None else soft_t2i)
-    loss = 0.5 * (loss_i2t + loss_t2i)
-    cache = (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
-             text_bank is None, image_bank is None)
-    return loss, {"loss": cache, "sim_i2t": sim_i2t / t, "sim_t2i": sim_t2i / t}
-    ### END SOLUTION
-
-
-def itc_backward(dloss: float, cache, temp: Param):
-    """-> (d image_feat (B, E), d text_feat (B, E)); adds d temp into temp.grad.
-    Exercise 5.1 (notebooks/05_itc)."""
-    ### BEGIN SOLUTION
-    (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
-     text_online, image_online) = cache["loss"]
-    ce = CrossEntropyLoss()
-    dlog_i2t = ce.backward(0.5 * dloss, c_i2t)  # undoes loss = (loss_i2t + loss_t2i) / 2
-    dlog_t2i = ce.backward(0.5 * dloss, c_t2i)
-    temp.grad += -(np.sum(dlog_i2t * sim_i2t) + np.sum(dlog_t2i * sim_t2i)) / (t * t)  # undoes / t
-    dsim_i2t, dsim_t2i = dlog_i2t / t, dlog_t2i / t
-    d_image = dsim_i2t @ text_all  # undoes sim_i2t = image_feat @ text_all.T
-    d_text = dsim_t2i @ image_all  # undoes sim_t2i = text_feat @ image_all.T
-    if text_online:  # text_all was text_feat itself: its second use
-        d_text += dsim_i2t.T @ image_feat
-    if image_online:
-        d_image += dsim_t2i.T @ text_feat
-    return d_image, d_text
-    ### END SOLUTION
-
-
-# ---------------------------------------------------------------------------------------
-# ITM hard negatives
-# ---------------------------------------------------------------------------------------
-
-def hard_negative_weights(sim):
-    """BLIP's sampling weights: softmax over the in-batch similarities (already
-    divided by temp) + 1e-4, with the diagonal (the positive) set to zero
-    *after* the softmax (blip_pretrain.py, ``weights_t2i.fill_diagonal_(0)``).
-
-    sim (B, K >= B) -> weights (B, B) in float64. Exercise 6.1
-    (notebooks/06_itm_hard_negatives)."""
-    ### BEGIN SOLUTION
-    B = sim.shape[0]
-    w = softmax(sim[:, :B].astype(np.float64)) + 1e-4
-    np.fill_diagonal(w, 0.0)
-    return w
-    ### END SOLUTION
-
-
-def sample_hard_negatives(sim_i2t, sim_t2i, rng: np.random.Generator):
-    """One negative image per text and one negative text per image.
-
-    sim_i2t, sim_t2i: (B, K >= B) ITC logits. Returns ``neg_image_idx`` (B,):
-    for text b, the index of its negative image; ``neg_text_idx`` (B,): for
-    image b, the index of its negative text. Like ``torch.multinomial`` each row
-    is sampled in proportion to its (unnormalised) weights. Needs B >= 2.
-    """
-    B = sim_i2t.shape[0]
-    if B < 2:
-        raise ValueError(f"hard negatives need a batch of at least 2, got {B}")
-
-    def draw(weights):
-        cum = np.cumsum(weights, axis=1)  # (B, B)
-        u = rng.random(B)[:, None] * cum[:, -1:]
-        return np.minimum(np.sum(cum <= u, axis=1), B - 1)  # first column with cum > u
-
-    neg_image_idx = draw(hard_negative_weights(sim_t2i))
-    neg_text_idx = draw(hard_negative_weights(sim_i2t))
-    return neg_image_idx, neg_text_idx
-
-
-# ---------------------------------------------------------------------------------------
 # The pretraining step
 # ---------------------------------------------------------------------------------------
 
@@ -227,8 +125,13 @@ class StepResult:
     d_images: np.ndarray | None = None  # gradient of the loss w.r.t. the pixels (after backward)
 
 
-def _cat(a, b):
-    return np.concatenate([a, b], axis=0)
+def sample_hard_negatives(sim_i2t, sim_t2i, rng: np.random.Generator):
+    """BLIP's ITM negatives: for each text a negative image drawn from the row of
+    ``sim_t2i`` and for each image a negative text drawn from the row of
+    ``sim_i2t`` (both (B, K >= B) ITC logits), weighted by
+    :func:`~minblip.objectives.hard_negative_weights`. Returns (neg_image_idx,
+    neg_text_idx), each (B,)."""
+    return sample_negatives(hard_negative_weights(sim_t2i), hard_negative_weights(sim_i2t), rng)
 
 
 def pretrain_step(model: BLIP, images, ids, mask, *, cls_id: int, enc_id: int, dec_id: int,
@@ -290,30 +193,26 @@ def pretrain_step(model: BLIP, images, ids, mask, *, cls_id: int, enc_id: int, d
             neg_image_idx, neg_text_idx = sample_hard_negatives(c_itc["sim_i2t"],
                                                                 c_itc["sim_t2i"], rng)
         else:
-            neg_image_idx, neg_text_idx = (np.asarray(n) for n in negatives)
+            neg_image_idx, neg_text_idx = check_negatives(negatives, B)
         h_pos, c_pos = model.text_encoder.forward(enc_ids, mask, image_embeds, rng=rng)  # call 2
         # rows B..2B: (text b, its negative image); rows 2B..3B: (negative text, image b)
-        neg_ids = _cat(enc_ids, enc_ids[neg_text_idx])
-        neg_mask = _cat(mask, mask[neg_text_idx])
-        neg_images = _cat(image_embeds[neg_image_idx], image_embeds)
+        neg_ids = np.concatenate([enc_ids, enc_ids[neg_text_idx]])
+        neg_mask = np.concatenate([mask, mask[neg_text_idx]])
+        neg_images = np.concatenate([image_embeds[neg_image_idx], image_embeds])
         h_neg, c_neg = model.text_encoder.forward(neg_ids, neg_mask, neg_images, rng=rng)  # call 3
-        vl = _cat(h_pos[:, 0], h_neg[:, 0])                                  # (3B, D)
+        vl = np.concatenate([h_pos[:, 0], h_neg[:, 0]])                     # (3B, D)
         itm_logits, c_head = model.itm_head.forward(vl)                      # (3B, 2)
-        itm_labels = np.concatenate([np.ones(B, np.int64), np.zeros(2 * B, np.int64)])
-        loss_itm, c_itm = CrossEntropyLoss().forward(itm_logits, itm_labels)
-        losses["itm"] = loss_itm
+        itm_ce = CrossEntropyLoss()
+        losses["itm"], c_itm = itm_ce.forward(itm_logits, itm_labels(B))
 
     if w_lm != 0.0:
         labels = np.where(mask.astype(bool), ids, -100)  # padding is ignored
         labels[:, :prompt_length] = -100  # blip.py BLIP_Decoder: prompt tokens are not predicted
         logits, c_dec = model.text_decoder.forward(dec_ids, mask, image_embeds, rng=rng)
-        lm_ce = CrossEntropyLoss(label_smoothing=model.cfg.label_smoothing)
-        loss_lm, c_lm = lm_ce.forward(logits[:, :-1], labels[:, 1:])  # predict token t+1 from <= t
-        losses["lm"] = loss_lm
+        lm_loss = NextTokenLoss(label_smoothing=model.cfg.label_smoothing)
+        losses["lm"], c_lm = lm_loss.forward(logits, labels)  # token t+1 predicted from <= t
 
-    total = w_itc * losses["itc"] + (w_itm * losses["itm"] if use_itm else 0.0) + w_lm * losses["lm"]
-    if not use_itm:
-        losses["itm"] = 0.0
+    total = w_itc * losses["itc"] + w_itm * losses["itm"] + w_lm * losses["lm"]
     result = StepResult(total, losses, neg_image_idx, neg_text_idx, sim_i2t, itm_logits)
     if not backward:
         return result
@@ -321,12 +220,11 @@ def pretrain_step(model: BLIP, images, ids, mask, *, cls_id: int, enc_id: int, d
     # ---------------- backward (the forward read bottom-up) ----------------
     d_image_embeds = np.zeros_like(image_embeds)
     if w_lm != 0.0:
-        dlogits = np.zeros_like(logits)
-        dlogits[:, :-1] = lm_ce.backward(w_lm, c_lm)  # undoes the shift: the last position predicts nothing
+        dlogits = lm_loss.backward(w_lm, c_lm)  # (B, T, V); the last position predicts nothing
         d_image_embeds += model.text_decoder.backward(dlogits, c_dec)
 
     if use_itm:
-        dvl = model.itm_head.backward(CrossEntropyLoss().backward(w_itm, c_itm), c_head)
+        dvl = model.itm_head.backward(itm_ce.backward(w_itm, c_itm), c_head)
         dh_neg = np.zeros_like(h_neg)
         dh_neg[:, 0] = dvl[B:]  # only the [ENC] position feeds the head
         d_neg_images = model.text_encoder.backward(dh_neg, c_neg)

@@ -9,7 +9,7 @@ sections 3.2-3.3), on the pieces of notebooks 10 and 11:
    training images (notebook 10's recipe): a contrastive image encoder, as
    EVA-CLIP is. With a checkpoint, the images come from the checkpoint's own
    world (its seed and image size), so its test images stay unseen.
-2. **Stage 1** (:mod:`minblip.blip2`): the Q-Former learns ITC + ITM + ITG
+2. **Stage 1** (:mod:`minblip.blip2_stage1`): the Q-Former learns ITC + ITM + ITG
    against the frozen ViT. Retrieval is measured on the test split with the
    ITC similarity (the maximum over the queries, LAVIS ``compute_sim_matrix``)
    and, as BLIP-2 reports it, after re-ranking each query's ``k_test`` best
@@ -29,12 +29,7 @@ sections 3.2-3.3), on the pieces of notebooks 10 and 11:
 
 Stage 2 starts from the stage-1 Q-Former by default, as BLIP-2 does
 (``pretrain_stage2.yaml`` loads the stage-1 weights); ``stage2_init="fresh"``
-starts from a new Q-Former instead (notebook 11 does). Measured once each with
-this pipeline at the defaults (seed 0): caption attribute accuracy 0.55 and
-zero-shot answer accuracy 0.37 from stage 1, 0.57 and 0.36 fresh (an earlier
-trial with other random streams: 0.59 / 0.40 against 0.60 / 0.44). Neither
-start is ahead on both, and the gaps are of the size one seed moves these
-numbers, so the default follows the paper.
+starts from a new Q-Former instead. The README reports what each start reaches.
 
 :func:`run_blip2` writes to its report folder ``metrics.json``,
 ``captions.jsonl`` (the stage-2 caption of every test image next to its
@@ -43,9 +38,7 @@ scene), ``answers.jsonl`` (every zero-shot question with the answers given),
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -54,13 +47,15 @@ from pathlib import Path
 import numpy as np
 
 from . import report, world
-from .blip2 import Stage1Config, Stage1Trainer, pretrained_vision, retrieval_metrics
-from .blip2_stage2 import (Stage2Config, build_stage2, evaluate_captions, parameter_counts,
-                           train_stage2, zero_shot_qa)
+from .blip2_stage2 import build_stage2
+from .evaluate_blip2 import evaluate_stage2_captions, stage1_retrieval_metrics, zero_shot_qa
 from .image import preprocess
-from .lm import QUESTION_KINDS, LanguageModel, LMConfig, build_lm_tokenizer, pretrain_lm
+from .lm import LanguageModel, LMConfig
 from .qformer import QFormerConfig
-from .train import build_dataset
+from .questions import QUESTION_KINDS, build_lm_tokenizer
+from .train import Trainer, build_dataset
+from .train_blip2 import (LMPretrainConfig, LMPretraining, Stage1Config, Stage1Training,
+                          Stage2Config, Stage2Training, pretrained_vision)
 
 STAGE2_INITS = ("stage1", "fresh")
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position", "object_count")
@@ -69,10 +64,7 @@ CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position", "object_count")
 @dataclass
 class Blip2RunConfig:
     """One BLIP-2 run on the built-in world. The sizes and learning rates are
-    those of notebooks 10 and 11; the runs are longer (the defaults take about
-    two minutes of CPU time). In our trials stage 2 gained most from longer
-    runs: with 1000 steps of LM pretraining and 1000 of stage 2, caption
-    attribute accuracy was about 0.46; with 1500 and 2000, about 0.6."""
+    those of notebooks 10 and 11; the runs are longer."""
 
     seed: int = 0
     n_train: int = 2000           # training images of stage 1 and stage 2
@@ -174,6 +166,11 @@ class Blip2RunConfig:
                              mlp_dim=4 * self.qformer_width, num_queries=self.num_queries,
                              encoder_width=encoder_width)
 
+    def lm_pretrain_config(self) -> LMPretrainConfig:
+        return LMPretrainConfig(steps=self.lm_steps, batch_size=self.batch_size, lr=self.lm_lr,
+                                warmup_steps=_warmup(self.lm_steps, 20),
+                                corpus_size=self.lm_corpus_size, seed=self.seed)
+
     def stage2_config(self) -> Stage2Config:
         return Stage2Config(steps=self.stage2_steps, batch_size=self.batch_size,
                             lr=self.stage2_lr, warmup_steps=_warmup(self.stage2_steps, 20),
@@ -206,41 +203,6 @@ def checkpoint_world(train_config, n_train: int, n_test: int) -> world.WorldData
                              f"{len(split)} {split.name} images: ask for {len(split)} or fewer")
     return dataclasses.replace(full, train=_first(full.train, n_train),
                                test=_first(full.test, n_test))
-
-
-# ---------------------------------------------------------------------------------------
-# Progress bars for the loops that report by printing
-# ---------------------------------------------------------------------------------------
-
-class _PrintedSteps(io.TextIOBase):
-    """Stands in for stdout while ``pretrain_lm`` / ``train_stage2`` run with
-    ``log_every=1``: each line they print ("... step N  loss L") advances the
-    bar by one step and shows the loss."""
-
-    def __init__(self, bar):
-        self.bar = bar
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        words = text.split()
-        if "loss" in words:
-            self.bar.set_postfix(loss=words[-1], refresh=False)
-        self.bar.update(text.count("\n"))
-        return len(text)
-
-
-@contextlib.contextmanager
-def _step_bar(progress: bool, total: int, desc: str):
-    """Yields the ``log_every`` to pass: 1 under a progress bar, else 0 (silent)."""
-    if not progress:
-        yield 0
-        return
-    from tqdm import tqdm
-    with tqdm(total=total, desc=desc, unit="step") as bar, \
-            contextlib.redirect_stdout(_PrintedSteps(bar)):
-        yield 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,14 +254,14 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
 
     # ---- 2. stage 1: the Q-Former learns to read the frozen ViT ----
     start = time.perf_counter()
-    trainer = Stage1Trainer(cfg.stage1_config(), vit, data)
+    trainer = Trainer(Stage1Training(cfg.stage1_config(), vit, data))
     trainer.run(progress=progress)
     seconds["stage1"] = time.perf_counter() - start
     stage1 = trainer.model
     start = time.perf_counter()
     test_pixels = preprocess(data.test.images, vit.config.image_size)
-    recall = retrieval_metrics(stage1, trainer.tokenizer, data.test.captions,
-                               images=test_pixels, k_test=cfg.k_test)
+    recall = stage1_retrieval_metrics(stage1, trainer.task.tokenizer, data.test.captions,
+                                      images=test_pixels, k_test=cfg.k_test)
     eval_seconds = time.perf_counter() - start
     say(f"stage 1: {cfg.stage1_steps} steps ({seconds['stage1']:.0f} s); ITC recall@1 "
         f"image->text {recall['itc_i2t_recall@1']:.3f}, text->image "
@@ -309,14 +271,11 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
     start = time.perf_counter()
     tok = build_lm_tokenizer()
     lm = LanguageModel(cfg.lm_config(tok.vocab_size), np.random.default_rng([cfg.seed, 21]))
-    with _step_bar(progress, cfg.lm_steps, "LM pretraining") as log_every:
-        lm_run = pretrain_lm(lm, tok, steps=cfg.lm_steps, batch_size=cfg.batch_size,
-                             lr=cfg.lm_lr, warmup_steps=_warmup(cfg.lm_steps, 20),
-                             corpus_size=cfg.lm_corpus_size, seed=cfg.seed,
-                             log_every=log_every)
+    lm_losses = Trainer(LMPretraining(lm, tok, cfg.lm_pretrain_config())).run(
+        progress=progress)["loss"]
     seconds["lm"] = time.perf_counter() - start
     say(f"language model: {cfg.lm_steps} steps on caption and question-answer text "
-        f"({seconds['lm']:.0f} s), loss {np.mean(lm_run['loss'][-50:]):.3f}; now frozen")
+        f"({seconds['lm']:.0f} s), loss {np.mean(lm_losses[-50:]):.3f}; now frozen")
 
     # ---- 4. stage 2: soft prompts for the frozen LM ----
     start = time.perf_counter()
@@ -327,17 +286,16 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
         model = build_stage2(lm, model_rng, visual_encoder=vit,
                              qformer_cfg=cfg.fresh_qformer_config(tok.vocab_size,
                                                                   vit.config.width))
-    with _step_bar(progress, cfg.stage2_steps, "stage 2") as log_every:
-        history = train_stage2(model, tok, data.train, cfg.stage2_config(),
-                               log_every=log_every)
+    stage2_losses = Trainer(Stage2Training(model, tok, data.train, cfg.stage2_config())).run(
+        progress=progress)["loss"]
     seconds["stage2"] = time.perf_counter() - start
     say(f"stage 2 (Q-Former from {cfg.stage2_init}): {cfg.stage2_steps} steps "
-        f"({seconds['stage2']:.0f} s), loss {np.mean(history.loss[:10]):.3f} -> "
-        f"{np.mean(history.loss[-50:]):.3f}")
+        f"({seconds['stage2']:.0f} s), loss {np.mean(stage2_losses[:10]):.3f} -> "
+        f"{np.mean(stage2_losses[-50:]):.3f}")
 
     start = time.perf_counter()
-    captions_metrics, captions = evaluate_captions(model, tok, data.test, method="beam",
-                                                   num_beams=cfg.num_beams)
+    captions_metrics, captions = evaluate_stage2_captions(model, tok, data.test, method="beam",
+                                                          num_beams=cfg.num_beams)
     qa = zero_shot_qa(model, tok, data.test, seed=cfg.seed)
     seconds["eval"] = eval_seconds + time.perf_counter() - start
 
@@ -350,7 +308,7 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
         metrics[f"stage1_{name}"] = value
     metrics.update({f"stage2_{k}": v for k, v in captions_metrics.items()})
     metrics.update(_qa_metrics(qa))
-    counts = parameter_counts(model)
+    counts = model.parameter_counts()
     stage1_counts = stage1.parameter_counts()
     metrics.update(trainable_parameters=counts["trainable"], frozen_parameters=counts["frozen"],
                    total_parameters=counts["total"],
@@ -358,8 +316,8 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
                                        for name, (t, n) in counts["parts"].items()},
                    stage1_trainable_parameters=stage1_counts["trainable"],
                    stage1_total_parameters=stage1_counts["total"])
-    metrics.update(lm_final_loss=float(np.mean(lm_run["loss"][-50:])),
-                   stage2_final_loss=float(np.mean(history.loss[-50:])))
+    metrics.update(lm_final_loss=float(np.mean(lm_losses[-50:])),
+                   stage2_final_loss=float(np.mean(stage2_losses[-50:])))
     metrics.update({f"{part}_seconds": s for part, s in seconds.items()})
 
     with open(out / "captions.jsonl", "w") as f:
@@ -369,8 +327,8 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
     with open(out / "answers.jsonl", "w") as f:
         for item in qa["items"]:
             f.write(json.dumps(item) + "\n")
-    plot_losses(vision.history, trainer.history, lm_run["loss"], history.loss,
-                out / "loss_curves.png")
+    plot_blip2_losses(vision.history, trainer.history, lm_losses, stage2_losses,
+                      out / "loss_curves.png")
     report.plot_captions(data.test.images, captions, data.test.captions, out / "captions.png")
     metrics["total_seconds"] = time.perf_counter() - wall0
     metrics["cpu_seconds"] = time.process_time() - cpu0
@@ -403,16 +361,16 @@ def _curve(ax, values, label: str) -> None:
     ax.plot(np.arange(len(smoothed)) + len(values) - len(smoothed), smoothed, label=label)
 
 
-def plot_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) -> None:
+def plot_blip2_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) -> None:
     """Three panels: the pretraining of the parts that will be frozen (the ITC-only
     BLIP, if one was trained here, and the LM), stage 1's three losses, stage 2's loss."""
     fig, axes = report._figure(1, 3, figsize=(15, 4))
     if vision_history is not None:
-        _curve(axes[0], vision_history.itc, "BLIP ITC (its ViT: frozen after)")
+        _curve(axes[0], vision_history["itc"], "BLIP ITC (its ViT: frozen after)")
     _curve(axes[0], lm_losses, "LM next-word CE (frozen after)")
     axes[0].set_title("pretraining the frozen parts")
     for name in ("itc", "itm", "itg"):
-        _curve(axes[1], getattr(stage1_history, name), name.upper())
+        _curve(axes[1], stage1_history[name], name.upper())
     axes[1].set_title("stage 1: the Q-Former reads the frozen ViT")
     _curve(axes[2], stage2_losses, "LM CE of the caption after the soft prompt")
     axes[2].set_title("stage 2: soft prompts for the frozen LM")
@@ -424,7 +382,7 @@ def plot_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) 
     fig.savefig(path, dpi=110)
 
 
-def format_table(metrics: dict) -> str:
+def format_blip2_table(metrics: dict) -> str:
     """The results as a text table: each measure next to its references."""
     rows = [("stage 1 retrieval, ITC (max over queries)", None, None)]
     for d, label in (("i2t", "image->text"), ("t2i", "text->image")):

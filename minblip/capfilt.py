@@ -42,7 +42,7 @@ from . import world
 from .blip import BLIP
 from .evaluate import caption_images, caption_metrics, match_probability, retrieval_metrics
 from .image import preprocess
-from .train import TrainConfig, Trainer, build_tokenizer
+from .train import Trainer, TrainConfig, blip_trainer, build_tokenizer
 
 SETTINGS: tuple[str, ...] = ("no_capfilt", "filter_only", "captioner_only", "capfilt")
 SETTING_LABELS: dict[str, str] = {
@@ -236,8 +236,8 @@ def pretrain(cfg: CapFiltConfig, data: CapFiltData, captions, bar=None,
     images = np.concatenate([data.clean.images, data.web.images])
     texts = [list(c) for c in data.clean.all_captions] + [list(c) for c in captions]
     tcfg = cfg.train_config(cfg.pretrain_steps, cfg.pretrain_lr, (1.0, 1.0, 1.0), len(images))
-    return _train(Trainer(tcfg, dataset=data.dataset, train_images=images, train_captions=texts),
-                  bar, stage)
+    trainer = blip_trainer(tcfg, dataset=data.dataset, train_images=images, train_captions=texts)
+    return _train(trainer, bar, stage)
 
 
 def finetune(cfg: CapFiltConfig, data: CapFiltData, pretrained: BLIP, loss_weights,
@@ -247,9 +247,9 @@ def finetune(cfg: CapFiltConfig, data: CapFiltData, pretrained: BLIP, loss_weigh
     captioner and the filter share no parameter (BLIP section 4.4)."""
     model = copy.deepcopy(pretrained)
     tcfg = cfg.train_config(cfg.finetune_steps, cfg.finetune_lr, loss_weights, len(data.clean))
-    return _train(Trainer(tcfg, dataset=data.dataset, train_images=data.clean.images,
-                          train_captions=[list(c) for c in data.clean.all_captions], model=model),
-                  bar, stage)
+    trainer = blip_trainer(tcfg, dataset=data.dataset, train_images=data.clean.images,
+                           train_captions=[list(c) for c in data.clean.all_captions], model=model)
+    return _train(trainer, bar, stage)
 
 
 # ---------------------------------------------------------------------------------------

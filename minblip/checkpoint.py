@@ -66,8 +66,12 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def save_checkpoint(path, model: Module, config: dict, step: int,
-                    optimizer: AdamW | None = None, extra: dict | None = None) -> None:
+                    optimizer: AdamW | None = None, extra: dict | None = None,
+                    include_frozen: bool = False) -> None:
     """Write ``model`` (and optionally ``optimizer``) to the ``.npz`` file ``path``, atomically.
+
+    The model's trainable Params are stored; ``include_frozen=True`` stores its
+    frozen ones too (a whole model, e.g. BLIP-2 with its frozen ViT and LM).
 
     ``config`` (a dict) and ``extra`` (a dict or None, e.g.
     ``{"rng": rng_state(rng)}``) must be JSON-serialisable; they are stored as
@@ -93,7 +97,7 @@ def save_checkpoint(path, model: Module, config: dict, step: int,
         "config": np.array(_to_json(config, "config")),
         "extra": np.array(_to_json(extra, "extra")),
     }
-    for name, p in model.named_params():
+    for name, p in model.named_params(include_frozen=include_frozen):
         arrays[_PARAM + name] = p.data
     if optimizer is not None:
         for key, value in optimizer.state_dict().items():
@@ -151,8 +155,10 @@ def _config_diff(expected: dict, found: dict) -> list[str]:
 
 
 def load_checkpoint(path, model: Module, config: dict | None = None,
-                    optimizer: AdamW | None = None) -> dict:
+                    optimizer: AdamW | None = None, include_frozen: bool = False) -> dict:
     """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``) in place.
+    ``include_frozen`` must be what the checkpoint was saved with: True when it
+    holds the model's frozen Params too.
 
     Checks, in order, and raises before changing anything:
 
@@ -160,8 +166,9 @@ def load_checkpoint(path, model: Module, config: dict | None = None,
     * it carries the minblip format marker and a supported version;
     * if ``config`` is given, it equals the stored configuration (compared
       after the JSON round trip; the message lists every differing key);
-    * the stored Params are exactly the model's ``named_params()`` names with
-      the same shapes (the message lists missing, unexpected and mismatched);
+    * the stored Params are exactly the model's ``named_params(include_frozen)``
+      names with the same shapes (the message lists missing, unexpected and
+      mismatched);
     * if ``optimizer`` is given, the stored optimiser state fits it.
 
     Then every value is written into the existing arrays (``p.data[...] =``),
@@ -200,7 +207,7 @@ def load_checkpoint(path, model: Module, config: dict | None = None,
                 f"{path}: the checkpoint was saved with another configuration: "
                 + "; ".join(diff))
 
-    named = model.named_params()
+    named = model.named_params(include_frozen=include_frozen)
     stored = {k[len(_PARAM):]: v for k, v in data.items() if k.startswith(_PARAM)}
     names = [name for name, _ in named]
     missing = [n for n in names if n not in stored]
@@ -227,6 +234,27 @@ def load_checkpoint(path, model: Module, config: dict | None = None,
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
     return {"step": step, "config": stored_config, "extra": extra}
+
+
+def read_config(path) -> dict:
+    """The configuration stored in the checkpoint at ``path``, without loading its
+    weights; a FileNotFoundError or a ValueError naming the file otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at '{path}'")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"'{path}' is not a readable checkpoint ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' is a single array, not a minblip checkpoint")
+    with archive:
+        if "config" not in archive.files:
+            raise ValueError(f"'{path}' is not a minblip checkpoint (no config)")
+        try:
+            return json.loads(str(archive["config"]))
+        except ValueError as err:
+            raise ValueError(f"'{path}': its stored config is not valid JSON ({err})") from None
 
 
 def rng_state(rng: np.random.Generator) -> dict:

@@ -9,6 +9,17 @@
   into ``Param.grad``. The caller sums fan-out.
 * ``Module.params()`` lists each ``Param`` once (deduplicated by identity), so a
   tied weight is updated and gradient-checked once.
+* A frozen Param (``module.freeze()`` freezes every Param of a module tree) is
+  left out of ``params()`` and ``named_params()`` of every module that holds it,
+  so no optimiser, clipping, trainable-state checkpoint or gradient check can
+  reach it. Its module's forward and backward run as usual: the backward still
+  returns the input gradients, through the same formulas, and adds nothing
+  into a frozen Param.
+* ``backward`` returns one gradient per differentiable input of ``forward``, in
+  ``forward``'s argument order: the array itself when there is one such input,
+  a tuple when there are several (``None`` in the place of an input that was
+  not given), and ``None`` when there is none (token ids are not
+  differentiable). Targets and masks are constants.
 """
 from __future__ import annotations
 
@@ -24,9 +35,11 @@ class Param:
 
     ``data`` and ``grad`` always have the same shape and dtype. ``grad`` is only
     ever added to (``+=``) by backward passes and reset by ``zero_grad``.
+    ``frozen`` Params receive no gradient: a layer's backward adds into a Param
+    only when ``param.trainable``.
     """
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("data", "grad", "frozen")
 
     def __init__(self, data, dtype=None):
         data = np.array(data, dtype=dtype if dtype is not None else DEFAULT_DTYPE)
@@ -34,6 +47,11 @@ class Param:
             raise TypeError(f"Param data must be floating point, got dtype {data.dtype}")
         self.data = data
         self.grad = np.zeros_like(data)
+        self.frozen = False
+
+    @property
+    def trainable(self) -> bool:
+        return not self.frozen
 
     @property
     def shape(self) -> tuple:
@@ -56,7 +74,8 @@ class Param:
         self.grad = self.grad.astype(dtype)
 
     def __repr__(self) -> str:
-        return f"Param(shape={self.data.shape}, dtype={self.data.dtype})"
+        frozen = ", frozen" if self.frozen else ""
+        return f"Param(shape={self.data.shape}, dtype={self.data.dtype}{frozen})"
 
 
 class Module:
@@ -66,33 +85,66 @@ class Module:
     lists, tuples and dicts of them) in definition order, as PyTorch does.
     """
 
-    def named_params(self, prefix: str = "") -> list[tuple[str, Param]]:
-        """Every Param once, with the first dotted name it is reachable by."""
+    def named_params(self, prefix: str = "", include_frozen: bool = False
+                     ) -> list[tuple[str, Param]]:
+        """Every trainable Param once, with the first dotted name it is reachable by.
+        ``include_frozen=True`` lists the frozen ones too (for casting, saving a
+        whole model, counting)."""
         seen: set[int] = set()
         out: list[tuple[str, Param]] = []
         for name, p in _walk(self, prefix, set()):
-            if id(p) not in seen:
+            if id(p) not in seen and (include_frozen or not p.frozen):
                 seen.add(id(p))
                 out.append((name, p))
         return out
 
-    def params(self) -> list[Param]:
-        """Every Param once (a tied Param is listed, updated and checked once)."""
-        return [p for _, p in self.named_params()]
+    def params(self, include_frozen: bool = False) -> list[Param]:
+        """Every trainable Param once (a tied Param is listed, updated and checked once)."""
+        return [p for _, p in self.named_params(include_frozen=include_frozen)]
 
-    def param_count(self) -> int:
-        return sum(p.size for p in self.params())
+    def param_count(self, include_frozen: bool = False) -> int:
+        return sum(p.size for p in self.params(include_frozen))
+
+    def parameter_counts(self) -> dict:
+        """Scalars that train, that are frozen, and in total, for the whole tree and
+        per top-level sub-module: {"trainable", "frozen", "total", "parts":
+        {name: (trainable, total)}}. A tied Param counts once."""
+        parts = {name: (value.param_count(), value.param_count(include_frozen=True))
+                 for name, value in vars(self).items() if isinstance(value, Module)}
+        trainable, total = self.param_count(), self.param_count(include_frozen=True)
+        return {"trainable": trainable, "frozen": total - trainable, "total": total,
+                "parts": parts}
 
     def zero_grad(self) -> None:
         for p in self.params():
             p.zero_grad()
 
+    def freeze(self):
+        """Freeze every Param of the tree (returns the module). A Param shared with
+        another module is frozen there too: it is one object."""
+        for p in self.params(include_frozen=True):
+            p.frozen = True
+        return self
+
+    def unfreeze(self):
+        """Undo :meth:`freeze` for every Param of the tree (returns the module)."""
+        for p in self.params(include_frozen=True):
+            p.frozen = False
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """True when the module has Params and every one of them is frozen."""
+        every = self.params(include_frozen=True)
+        return bool(every) and all(p.frozen for p in every)
+
     def to(self, dtype) -> "Module":
-        """Switch every Param of the module tree to ``dtype`` (float32 or float64)."""
+        """Switch every Param of the tree, frozen ones included, to ``dtype``
+        (float32 or float64)."""
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"minblip runs in float32 or float64, got {dtype}")
-        for p in self.params():
+        for p in self.params(include_frozen=True):
             p.astype(dtype)
         return self
 
@@ -132,7 +184,7 @@ def check_float(x, name: str) -> np.ndarray:
     """Require a floating-point ndarray (integer pixels or ids are a mistake here)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a NumPy array, got {type(x).__name__}")
-    if x.dtype.kind != "f":  # what np.issubdtype(dtype, np.floating) says, 15x cheaper
+    if x.dtype.kind != "f":  # np.issubdtype(dtype, np.floating), without its overhead per call
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
     return x
 
@@ -164,9 +216,9 @@ def check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
 # Sums, means and maxima along the last axis. Rows here are short (16-256
 # values), and NumPy's reductions pay a fixed cost per row along a short
 # contiguous axis. A matrix-vector product with a vector of ones does the same
-# sum inside BLAS (3-5x faster), and a max runs 3x faster down the columns of
-# the transposed rows (benchmarks/bench_kernels.py). Sums and means equal
-# np.sum / np.mean up to the order of the additions; maxima are exact.
+# sum inside BLAS, and a max is cheaper down the columns of the transposed rows
+# (benchmarks/bench_kernels.py measures both). Sums and means equal np.sum /
+# np.mean up to the order of the additions; maxima are exact.
 # ---------------------------------------------------------------------------
 
 def row_sum(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,13 @@ With ``use_cache=True`` each step feeds only the newest token and reuses the
 self-attention keys and values of earlier positions, and the image's
 cross-attention keys and values are projected once. ``use_cache=False``
 recomputes the whole prefix every step; both give the same tokens and scores.
+
+Any decoder works that has the two methods of BLIP's ``TextDecoder``:
+``image_kv(image_embeds)`` (per layer the keys and values the text attends to
+for the image, computed once per image) and ``forward_incremental(ids, past,
+image_kv, start)`` (logits of new tokens at positions start.., and the
+updated per-layer cache). The Q-Former's captioner and the language model's
+soft-prompt decoder follow the same two methods.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ class _Stepper:
     def __init__(self, decoder, image_embeds, use_cache: bool):
         self.decoder, self.use_cache = decoder, use_cache
         self.image_embeds = image_embeds
-        self.image_kv = decoder.bert.image_kv(image_embeds)
+        self.image_kv = decoder.image_kv(image_embeds)
         self.past = None
 
     def next_logits(self, seqs):

@@ -1,8 +1,10 @@
-"""The basic layers: Linear, Embedding, LayerNorm, GELU and Dropout.
+"""The basic layers: Linear, Embedding, LayerNorm, GELU, ReLU and Dropout.
 
 Every layer follows the contract of :mod:`minblip.core`: ``forward`` returns
 ``(out, cache)`` and keeps nothing on ``self``; ``backward(dout, cache)``
-returns the input gradient and adds (``+=``) into its Params' ``grad``.
+returns the input gradient and adds (``+=``) into its trainable Params' ``grad``.
+A frozen Param gets nothing, and its weight gradient is not even computed: the
+input gradient needs the weights, never the weight gradient.
 """
 from __future__ import annotations
 
@@ -40,12 +42,12 @@ class Linear(Module):
     def backward(self, dy, cache):
         """dy: (..., d_out) -> dx: (..., d_in)."""
         x = cache
-        x2 = x.reshape(-1, self.d_in)
         dy2 = dy.reshape(-1, self.d_out)
-        self.W.grad += x2.T @ dy2  # undoes x @ W: (d_in, N) @ (N, d_out)
-        if self.b is not None:
+        if self.W.trainable:  # undoes x @ W: (d_in, N) @ (N, d_out)
+            self.W.grad += x.reshape(-1, self.d_in).T @ dy2
+        if self.b is not None and self.b.trainable:
             self.b.grad += dy2.sum(axis=0)  # b was broadcast over every leading position
-        return dy @ self.W.data.T  # (..., d_out) @ (d_out, d_in)
+        return dy @ self.W.data.T  # undoes x @ W for x: (..., d_out) @ (d_out, d_in)
 
 
 class Embedding(Module):
@@ -55,6 +57,7 @@ class Embedding(Module):
     its gradient to the same row: ``grad[ids] += d`` would keep only one of
     them. ``np.add.at`` does the repeated-index scatter right but slowly, so the
     backward sorts the ids and sums each id's rows first (same result).
+    ``backward`` returns None: ids have no gradient.
     """
 
     def __init__(self, num: int, dim: int, rng: np.random.Generator, init_std: float = 0.02):
@@ -69,10 +72,10 @@ class Embedding(Module):
     def backward(self, dout, cache):
         """Accumulates into the rows that were gathered; ids have no gradient."""
         ids = cache.reshape(-1)
-        if ids.size == 0:  # nothing was gathered
+        if ids.size == 0 or self.weight.frozen:  # nothing to add into
             return None
         dout = dout.reshape(ids.size, self.dim)
-        # np.add.at(grad, ids, dout), 3-4x faster: group equal ids, sum each group's rows
+        # np.add.at(grad, ids, dout) done faster: group equal ids, sum each group's rows
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first of each id
@@ -112,8 +115,10 @@ class LayerNorm(Module):
         ### BEGIN SOLUTION
         xhat, rstd = cache
         lead = tuple(range(dy.ndim - 1))
-        self.gamma.grad += np.sum(dy * xhat, axis=lead)  # undoes * gamma (broadcast over rows)
-        self.beta.grad += np.sum(dy, axis=lead)  # undoes + beta
+        if self.gamma.trainable:
+            self.gamma.grad += np.sum(dy * xhat, axis=lead)  # undoes * gamma (broadcast over rows)
+        if self.beta.trainable:
+            self.beta.grad += np.sum(dy, axis=lead)  # undoes + beta
         dxhat = dy * self.gamma.data
         # undoes xhat = (x - mu) * rstd, where mu and rstd depend on every x of the row:
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -166,8 +171,8 @@ _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
 def _erf_float32(x):
-    """(erf(x), exp(-x^2)) for float32 x: A&S 7.1.26, no table gathers, 4x faster
-    than the table. The Gaussian is a by-product that GELU's backward reuses.
+    """(erf(x), exp(-x^2)) for float32 x: A&S 7.1.26, with no table gathers. The
+    Gaussian is a by-product that GELU's backward reuses.
 
     Evaluated in place on two fresh arrays (one temporary per operation would
     be ~14 arrays of x's size); |x| is clipped at 6, where erf is 1 in float32,
@@ -267,6 +272,34 @@ class GELU(Module):
         x, th = cache
         dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
         return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner)
+
+
+class ReLU(Module):
+    """max(x, 0), OPT's feed-forward activation. Its derivative at exactly 0 is
+    taken as 0, as in PyTorch."""
+
+    def forward(self, x):
+        check_float(x, "ReLU input")
+        keep = x > 0
+        return x * keep, keep
+
+    def backward(self, dy, cache):
+        return dy * cache  # undoes x * (x > 0)
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def make_activation(name: str) -> Module:
+    """The feed-forward activation called ``name``: "gelu" (exact, BERT and the
+    ViT), "gelu_tanh" (the tanh approximation) or "relu" (OPT)."""
+    if name == "gelu":
+        return GELU()
+    if name == "gelu_tanh":
+        return GELU("tanh")
+    if name == "relu":
+        return ReLU()
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
 class Dropout(Module):

@@ -299,7 +299,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     for p in unique:
         # float64, so a float32 model's norm is not itself rounded away
         g = p.grad.reshape(-1).astype(np.float64, copy=False)
-        squares += float(g @ g)  # one BLAS dot product: 2x faster than np.sum(np.square(g))
+        squares += float(g @ g)  # one BLAS dot product instead of np.sum(np.square(g))
     total = math.sqrt(squares)
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:

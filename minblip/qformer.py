@@ -429,8 +429,8 @@ class QFormer(Module):
             if dctx is not None:  # the image fans out to every cross-attention layer
                 d_image = dctx if d_image is None else d_image + dctx
         dq = self.embeddings.backward(dh, cache["emb"])  # undoes h = embeddings(queries, ids)
-        if dq is not None:  # undoes broadcast_to(query_tokens, (B, Q, D)): sum over B
-            self.query_tokens.grad += dq.sum(axis=0, keepdims=True)
+        if dq is not None and self.query_tokens.trainable:
+            self.query_tokens.grad += dq.sum(axis=0, keepdims=True)  # undoes broadcast_to over B
         return d_image
 
     # ---- the cached formulation of ITG (forward only) -------------------------------------

@@ -48,7 +48,7 @@ def smooth(values, window: int = 25):
 def plot_losses(history, path) -> None:
     fig, ax = _figure(figsize=(7, 4))
     for name in ("itc", "itm", "lm"):
-        values = smooth(getattr(history, name))
+        values = smooth(history[name])
         ax.plot(np.arange(len(values)), values, label=name.upper())
     ax.set_xlabel("step")
     ax.set_ylabel("loss (moving average over 25 steps)")

@@ -351,8 +351,10 @@ class LMHead(Module):
         c_dense, c_act, c_ln, t = cache
         V, D = self.weight.shape
         d2 = dlogits.reshape(-1, V)
-        self.bias.grad += d2.sum(axis=0)  # undoes + bias (broadcast over the B*T rows)
-        self.weight.grad += d2.T @ t.reshape(-1, D)  # undoes t @ E^T: (V, N) @ (N, D) -> (V, D)
+        if self.bias.trainable:
+            self.bias.grad += d2.sum(axis=0)  # undoes + bias (broadcast over the B*T rows)
+        if self.weight.trainable:  # undoes t @ E^T: (V, N) @ (N, D) -> (V, D)
+            self.weight.grad += d2.T @ t.reshape(-1, D)
         dt = dlogits @ self.weight.data  # undoes t @ E^T: (B, T, V) @ (V, D) -> (B, T, D)
         dg = self.layer_norm.backward(dt, c_ln)  # undoes t = LN(g)
         da = self.act.backward(dg, c_act)  # undoes g = GELU(a)

@@ -1,22 +1,40 @@
-"""Pretraining a tiny BLIP on the built-in world: configuration, the training
-loop, checkpoints and exact resumption.
+"""Training: the one loop every minblip model trains with, and BLIP pretraining.
 
-The loop follows salesforce/BLIP ``pretrain.py``: each step samples a batch,
-runs ITC + ITM + LM (``minblip.blip.pretrain_step``), clips the gradient norm
-and takes an AdamW step. The schedule is a linear warmup then cosine decay
-(LAVIS ``linear_warmup_cosine_lr``; BLIP itself decays per epoch).
+:class:`Trainer` is the loop. Each step it draws a batch, zeroes the
+gradients of the optimiser's Params, runs the task's step (a forward and its
+mirrored backward, which add into the gradients), clips the gradient norm,
+takes an AdamW step at the learning rate of a linear-warmup-then-cosine
+schedule (LAVIS ``linear_warmup_cosine_lr``; BLIP itself decays per epoch) and
+records the step's scalars in one :class:`History`. It shows a progress bar,
+writes checkpoints, and resumes a run exactly.
+
+What is trained, and how, is a *task*: an object with
+
+* ``name`` (the progress bar's label) and ``config``, whose fields ``steps``,
+  ``lr``, ``min_lr``, ``warmup_steps``, ``weight_decay``, ``grad_clip`` (and
+  optionally ``checkpoint_every``) set the loop, and ``to_dict()`` the stored
+  configuration;
+* ``model``: the Module whose trainable ``params()`` the optimiser updates;
+* ``generators()``: the random generators of the batches and of the steps
+  (dropout, ITM negatives), which may be one and the same;
+* ``sample_batch(data_rng)`` and ``step(batch, step_rng) -> {name: float}``;
+* optionally ``checkpoint_extra()`` (JSON state of the task to save) and
+  ``check_checkpoint(extra, path)`` (refuse a checkpoint of another task).
+
+The tasks: :class:`BlipPretraining` below (salesforce/BLIP ``pretrain.py``:
+ITC + ITM + LM each step), and in :mod:`minblip.train_blip2` BLIP-2's stage
+1, stage 2 and the pretraining of its language model.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from . import world
 from .blip import BLIP, BLIPConfig, pretrain_step
-from .checkpoint import load_checkpoint, rng_from_state, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, read_config, rng_from_state, rng_state, save_checkpoint
 from .image import preprocess
 from .optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from .text import TextConfig
@@ -24,12 +42,152 @@ from .tokenizer import Tokenizer
 from .vit import ViTConfig
 
 
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+
+class History:
+    """Per-step curves by name: ``history["step"]``, ``["lr"]``, ``["grad_norm"]`` and
+    every scalar a task's step returns (``["itc"]``, ``["loss"]``, ...), each a
+    list with one float per step."""
+
+    def __init__(self, curves: dict | None = None):
+        self.curves = {name: list(values) for name, values in (curves or {}).items()}
+
+    def append(self, **values) -> None:
+        for name, value in values.items():
+            self.curves.setdefault(name, []).append(float(value))
+
+    def __getitem__(self, name: str) -> list:
+        if name not in self.curves:
+            raise KeyError(f"history has no curve {name!r}; it has {sorted(self.curves)}")
+        return self.curves[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.curves
+
+    def __len__(self) -> int:
+        return len(self.curves.get("step", []))
+
+    def names(self) -> list[str]:
+        return list(self.curves)
+
+    def to_dict(self) -> dict:
+        return {name: list(values) for name, values in self.curves.items()}
+
+
+class Trainer:
+    """The training loop around one task (see the module docstring).
+
+    Owns the optimiser (AdamW over the task model's trainable Params), the
+    task's two random generators, the step count and the history, so a run
+    can be saved and resumed exactly."""
+
+    def __init__(self, task):
+        self.task = task
+        self.model = task.model
+        cfg = task.config
+        self.optimizer = AdamW(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.data_rng, self.step_rng = task.generators()
+        self.step = 0
+        self.history = History()
+        self.train_seconds = 0.0
+
+    @property
+    def cfg(self):
+        """The task's configuration."""
+        return self.task.config
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.task.config
+        return warmup_cosine_lr(step, cfg.steps, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1),
+                                min_lr=min(cfg.min_lr, cfg.lr))
+
+    def train_step(self) -> dict:
+        """One step; returns the task's scalars (losses) of this step."""
+        batch = self.task.sample_batch(self.data_rng)
+        self.optimizer.zero_grad()  # the optimiser's list of Params: no tree walk per step
+        scalars = self.task.step(batch, self.step_rng)  # forward, then the mirrored backward
+        grad_norm = clip_grad_norm(self.optimizer.params, self.task.config.grad_clip)
+        lr = self.lr_at(self.step)
+        self.optimizer.step(lr=lr)
+        self.history.append(step=self.step, **scalars, lr=lr, grad_norm=grad_norm)
+        self.step += 1
+        return scalars
+
+    def run(self, until: int | None = None, progress: bool = True, checkpoint_path=None):
+        """Train until step ``until`` (default: the configured number of steps),
+        saving a checkpoint to ``checkpoint_path`` (if given) every
+        ``checkpoint_every`` steps of the config and at the end. Returns the history."""
+        cfg = self.task.config
+        until = cfg.steps if until is None else min(until, cfg.steps)
+        every = getattr(cfg, "checkpoint_every", 0)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=until, initial=self.step, desc=self.task.name, unit="step",
+                       dynamic_ncols=True)
+        start = time.perf_counter()
+        while self.step < until:
+            scalars = self.train_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()})
+            if (checkpoint_path is not None and every and self.step % every == 0
+                    and self.step < until):
+                self.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save(checkpoint_path)
+        self.train_seconds += time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if checkpoint_path is not None:
+            self.save(checkpoint_path)
+        return self.history
+
+    def _generator_state(self) -> dict:
+        state = {"data_rng": rng_state(self.data_rng)}
+        if self.step_rng is not self.data_rng:
+            state["step_rng"] = rng_state(self.step_rng)
+        return state
+
+    def save(self, path) -> None:
+        """The model's trainable Params, the optimiser, the generators, the history
+        and the task's own state, atomically to the ``.npz`` file ``path``."""
+        extra = {**self._generator_state(), "history": self.history.to_dict(),
+                 "train_seconds": self.train_seconds}
+        if hasattr(self.task, "checkpoint_extra"):
+            extra.update(self.task.checkpoint_extra())
+        save_checkpoint(path, self.model, self.task.config.to_dict(), self.step,
+                        optimizer=self.optimizer, extra=extra)
+
+    def restore(self, path) -> "Trainer":
+        """Continue from the checkpoint at ``path``, written by :meth:`save` for a task
+        built the same way (same configuration, checked): training on gives the
+        same parameters as a run that was never interrupted. Returns self."""
+        info = load_checkpoint(path, self.model, config=self.task.config.to_dict(),
+                               optimizer=self.optimizer)
+        extra = info["extra"]
+        if hasattr(self.task, "check_checkpoint"):
+            self.task.check_checkpoint(extra, path)
+        self.step = info["step"]
+        self.data_rng = rng_from_state(extra["data_rng"])
+        self.step_rng = (rng_from_state(extra["step_rng"]) if "step_rng" in extra
+                         else self.data_rng)
+        self.history = History(extra["history"])
+        self.train_seconds = float(extra["train_seconds"])
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# BLIP pretraining
+# ---------------------------------------------------------------------------------------
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run: data, model size and optimisation.
-
-    The defaults are the demo: a model of about 0.3M parameters trained for a
-    few minutes on two CPU cores.
+    """Everything that defines a BLIP pretraining run: data, model size and
+    optimisation. The defaults are the demo: a model of about 0.3M parameters
+    trained for a few minutes on two CPU cores.
     """
 
     seed: int = 0
@@ -83,11 +241,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training")
 
     def model_config(self, vocab_size: int) -> BLIPConfig:
         vision = ViTConfig(image_size=self.image_size, patch_size=self.patch_size,
@@ -103,6 +257,14 @@ class TrainConfig:
                           proj_init_std=self.init_std)
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, refusing keys it does not know by name."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} options {unknown}")
+    return cls(**d)
+
+
 def build_tokenizer() -> Tokenizer:
     """The word-level tokenizer for every word the world's captions can use."""
     return Tokenizer(world.vocabulary())
@@ -113,33 +275,11 @@ def build_dataset(cfg: TrainConfig) -> world.WorldDataset:
                               image_size=cfg.image_size, max_objects=cfg.max_objects)
 
 
-@dataclass
-class History:
-    """Per-step training curves."""
+class BlipPretraining:
+    """BLIP pretraining on the built-in world: each step draws B distinct training
+    images with one caption each and runs ITC + ITM + LM (``pretrain_step``)."""
 
-    step: list = field(default_factory=list)
-    itc: list = field(default_factory=list)
-    itm: list = field(default_factory=list)
-    lm: list = field(default_factory=list)
-    lr: list = field(default_factory=list)
-    grad_norm: list = field(default_factory=list)
-
-    def append(self, step, losses, lr, grad_norm):
-        self.step.append(int(step))
-        self.itc.append(float(losses["itc"]))
-        self.itm.append(float(losses["itm"]))
-        self.lm.append(float(losses["lm"]))
-        self.lr.append(float(lr))
-        self.grad_norm.append(float(grad_norm))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class Trainer:
-    """Owns the model, the optimiser, the data and the two random generators
-    (one for batches and captions, one for the model's negatives and dropout),
-    so a run can be saved and resumed exactly."""
+    name = "pretraining"
 
     def __init__(self, cfg: TrainConfig, dataset: world.WorldDataset | None = None,
                  train_images=None, train_captions=None, model: BLIP | None = None):
@@ -150,7 +290,7 @@ class Trainer:
         captions (an image whose list is empty is never drawn). ``model``
         starts from given weights (fine-tuning) instead of a fresh init.
         """
-        self.cfg = cfg
+        self.config = cfg
         self.tokenizer = build_tokenizer()
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         if (train_images is None) != (train_captions is None):
@@ -169,129 +309,63 @@ class Trainer:
             raise ValueError(f"only {len(self.drawable)} training images have a caption, "
                              f"fewer than batch_size {cfg.batch_size}")
         self.train_pixels = preprocess(train_images, cfg.image_size)
-        model_rng = np.random.default_rng([cfg.seed, 1])
         self.model = model if model is not None else BLIP(
-            cfg.model_config(self.tokenizer.vocab_size), model_rng)
-        self.optimizer = AdamW(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.data_rng = np.random.default_rng([cfg.seed, 2])
-        self.step_rng = np.random.default_rng([cfg.seed, 3])
-        self.step = 0
-        self.history = History()
-        self.train_seconds = 0.0
+            cfg.model_config(self.tokenizer.vocab_size), np.random.default_rng([cfg.seed, 1]))
 
-    def lr_at(self, step: int) -> float:
-        return warmup_cosine_lr(step, self.cfg.steps, self.cfg.lr, self.cfg.warmup_steps,
-                                min_lr=self.cfg.min_lr)
+    def generators(self):
+        """(batches and captions, negatives and dropout)."""
+        return np.random.default_rng([self.config.seed, 2]), np.random.default_rng(
+            [self.config.seed, 3])
 
-    def sample_batch(self):
+    def sample_batch(self, rng: np.random.Generator):
         """B distinct training images, each with one caption: freshly drawn from
         its scene, or picked from its given captions. Distinct images keep
         ITC from treating another caption of the same image as a negative."""
-        idx = self.data_rng.choice(self.drawable, self.cfg.batch_size, replace=False)
+        idx = rng.choice(self.drawable, self.config.batch_size, replace=False)
         if self.train_captions is None:
             scenes = self.dataset.train.scenes
-            captions = [world.describe(scenes[i], self.data_rng) for i in idx]
+            captions = [world.describe(scenes[i], rng) for i in idx]
         else:
-            captions = [c[self.data_rng.integers(len(c))]
-                        for c in (self.train_captions[i] for i in idx)]
-        ids, mask = self.tokenizer.encode(captions, max_length=self.cfg.max_text_len)
+            captions = [c[rng.integers(len(c))] for c in (self.train_captions[i] for i in idx)]
+        ids, mask = self.tokenizer.encode(captions, max_length=self.config.max_text_len)
         return self.train_pixels[idx], ids, mask
 
-    def train_step(self) -> dict:
-        images, ids, mask = self.sample_batch()
+    def step(self, batch, rng: np.random.Generator) -> dict:
+        images, ids, mask = batch
         tok = self.tokenizer
-        self.optimizer.zero_grad()  # the optimiser's list of Params: no tree walk per step
-        self.model.clamp_temperature()
+        self.model.clamp_temperature()  # blip_pretrain.py clamps before every forward
         result = pretrain_step(self.model, images, ids, mask, cls_id=tok.cls_id,
-                               enc_id=tok.enc_id, dec_id=tok.dec_id, rng=self.step_rng,
-                               weights=self.cfg.loss_weights)
-        grad_norm = clip_grad_norm(self.optimizer.params, self.cfg.grad_clip)
-        lr = self.lr_at(self.step)
-        self.optimizer.step(lr=lr)
-        self.history.append(self.step, result.losses, lr, grad_norm)
-        self.step += 1
+                               enc_id=tok.enc_id, dec_id=tok.dec_id, rng=rng,
+                               weights=self.config.loss_weights)
         return result.losses
 
-    def run(self, until: int | None = None, progress: bool = True,
-            checkpoint_path=None) -> History:
-        """Train until step ``until`` (default: the configured number of steps),
-        saving a checkpoint every ``checkpoint_every`` steps and at the end."""
-        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=until, initial=self.step, desc="pretraining", unit="step",
-                       dynamic_ncols=True)
-        start = time.perf_counter()
-        while self.step < until:
-            losses = self.train_step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(itc=f"{losses['itc']:.3f}", itm=f"{losses['itm']:.3f}",
-                                lm=f"{losses['lm']:.3f}")
-            if (checkpoint_path is not None and self.cfg.checkpoint_every
-                    and self.step % self.cfg.checkpoint_every == 0 and self.step < until):
-                self.train_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                self.save(checkpoint_path)
-        self.train_seconds += time.perf_counter() - start
-        if bar is not None:
-            bar.close()
-        if checkpoint_path is not None:
-            self.save(checkpoint_path)
-        return self.history
+    def checkpoint_extra(self) -> dict:
+        return {"tokenizer_words": self.tokenizer.words}
 
-    def save(self, path) -> None:
-        extra = {"data_rng": rng_state(self.data_rng), "step_rng": rng_state(self.step_rng),
-                 "history": self.history.to_dict(), "train_seconds": self.train_seconds,
-                 "tokenizer_words": self.tokenizer.words}
-        save_checkpoint(path, self.model, self.cfg.to_dict(), self.step,
-                        optimizer=self.optimizer, extra=extra)
-
-    @classmethod
-    def resume(cls, path, cfg: TrainConfig | None = None) -> "Trainer":
-        """Rebuild a run on the default world data from its checkpoint; training
-        on gives the same parameters as a run that was never interrupted."""
-        stored = peek_config(path)
-        cfg = cfg or TrainConfig.from_dict(stored)
-        trainer = cls(cfg)
-        info = load_checkpoint(path, trainer.model, config=cfg.to_dict(),
-                               optimizer=trainer.optimizer)
-        extra = info["extra"]
-        if extra.get("tokenizer_words") != trainer.tokenizer.words:
+    def check_checkpoint(self, extra: dict, path) -> None:
+        if extra.get("tokenizer_words") != self.tokenizer.words:
             raise ValueError(f"checkpoint {path}: its vocabulary differs from this version's "
                              f"world vocabulary")
-        trainer.step = info["step"]
-        trainer.data_rng = rng_from_state(extra["data_rng"])
-        trainer.step_rng = rng_from_state(extra["step_rng"])
-        trainer.history = History(**extra["history"])
-        trainer.train_seconds = float(extra["train_seconds"])
-        return trainer
 
 
-def peek_config(path) -> dict:
-    """The training configuration stored in a checkpoint, without loading weights."""
-    import json
-    import zipfile
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at '{path}'")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"'{path}' is not a readable checkpoint ({err})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"'{path}' is a single array, not a minblip checkpoint")
-    with archive:
-        if "config" not in archive.files:
-            raise ValueError(f"'{path}' is not a minblip checkpoint (no config)")
-        return json.loads(str(archive["config"]))
+def blip_trainer(cfg: TrainConfig | None = None, **task_options) -> Trainer:
+    """The loop around :class:`BlipPretraining` (``task_options`` are its keyword
+    arguments: dataset, train_images, train_captions, model)."""
+    return Trainer(BlipPretraining(cfg or TrainConfig(), **task_options))
+
+
+def resume_blip(path, cfg: TrainConfig | None = None) -> Trainer:
+    """Rebuild a BLIP pretraining run on the default world data from its
+    checkpoint; training on gives the same parameters as a run that was never
+    interrupted."""
+    cfg = cfg or TrainConfig.from_dict(read_config(path))
+    return blip_trainer(cfg).restore(path)
 
 
 def load_model(path):
-    """A trained model and its tokenizer from a checkpoint (for evaluation,
+    """A trained BLIP and its tokenizer from a checkpoint (for evaluation,
     captioning and retrieval): returns (model, tokenizer, TrainConfig)."""
-    cfg = TrainConfig.from_dict(peek_config(path))
+    cfg = TrainConfig.from_dict(read_config(path))
     tokenizer = build_tokenizer()
     model = BLIP(cfg.model_config(tokenizer.vocab_size), np.random.default_rng(0))
     load_checkpoint(path, model, config=cfg.to_dict())

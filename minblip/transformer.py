@@ -5,20 +5,21 @@ import numpy as np
 
 from .attention import MultiHeadAttention
 from .core import Module
-from .layers import GELU, Dropout, LayerNorm, Linear
+from .layers import Dropout, LayerNorm, Linear, make_activation
 
 
 class FeedForward(Module):
-    """fc2(GELU(fc1(x))): (..., d) -> (..., d_ff) -> (..., d).
+    """fc2(act(fc1(x))): (..., d) -> (..., d_ff) -> (..., d).
 
     BERT calls fc1 ``intermediate.dense`` and fc2 ``output.dense``; the ViT
-    calls them ``mlp.fc1`` and ``mlp.fc2``.
+    calls them ``mlp.fc1`` and ``mlp.fc2``. ``activation`` is "gelu" (the exact
+    GELU of BERT and the ViT), "gelu_tanh" or "relu" (OPT).
     """
 
     def __init__(self, d: int, d_ff: int, rng: np.random.Generator, init_std: float = 0.02,
-                 gelu: str = "none"):
+                 activation: str = "gelu"):
         self.fc1 = Linear(d, d_ff, rng, init_std=init_std)
-        self.act = GELU(gelu)
+        self.act = make_activation(activation)
         self.fc2 = Linear(d_ff, d, rng, init_std=init_std)
 
     def forward(self, x):
@@ -30,38 +31,46 @@ class FeedForward(Module):
     def backward(self, dy, cache):
         c1, c2, c3 = cache
         da = self.fc2.backward(dy, c3)  # undoes y = fc2(a)
-        dh = self.act.backward(da, c2)  # undoes a = GELU(h)
+        dh = self.act.backward(da, c2)  # undoes a = act(h)
         return self.fc1.backward(dh, c1)  # undoes h = fc1(x)
 
 
 class PreNormBlock(Module):
-    """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``):
+    """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``),
+    also OPT's decoder layer (``OPTDecoderLayer`` with ``do_layer_norm_before``):
 
         x = x + Attn(LN1(x))
         x = x + FFN(LN2(x))
     """
 
     def __init__(self, d: int, n_heads: int, d_ff: int, rng: np.random.Generator,
-                 eps: float = 1e-6, dropout: float = 0.0, init_std: float = 0.02):
+                 eps: float = 1e-6, dropout: float = 0.0, init_std: float = 0.02,
+                 activation: str = "gelu"):
         self.ln1 = LayerNorm(d, eps)
         self.attn = MultiHeadAttention(d, n_heads, rng, dropout=dropout, init_std=init_std)
         self.ln2 = LayerNorm(d, eps)
-        self.mlp = FeedForward(d, d_ff, rng, init_std=init_std)
+        self.mlp = FeedForward(d, d_ff, rng, init_std=init_std, activation=activation)
         self.drop = Dropout(dropout)
 
-    def forward(self, x, mask=None, rng=None):
-        """x (B, T, d), mask broadcastable to (B, T, T) -> (B, T, d)."""
+    def forward(self, x, mask=None, rng=None, past_kv=None):
+        """x (B, T, d), mask broadcastable to (B, T, [P +] T) -> (B, T, d).
+        ``past_kv`` (generation): the attention's cached keys and values of P
+        earlier positions, a constant for ``backward``. The cache's ``"present"``
+        holds the keys and values of every position so far, the next call's
+        ``past_kv``."""
         h, c_ln1 = self.ln1.forward(x)
-        a, c_attn = self.attn.forward(h, mask=mask, rng=rng)
+        a, c_attn = self.attn.forward(h, mask=mask, rng=rng, past_kv=past_kv)
         a, c_d1 = self.drop.forward(a, rng)
         x1 = x + a
         h2, c_ln2 = self.ln2.forward(x1)
         f, c_mlp = self.mlp.forward(h2)
         f, c_d2 = self.drop.forward(f, rng)
-        return x1 + f, (c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2)
+        cache = (c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2)
+        return x1 + f, {"parts": cache, "present": c_attn["present"]}
 
     def backward(self, dy, cache):
-        c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2 = cache
+        """dy (B, T, d) -> dx (B, T, d)."""
+        c_ln1, c_attn, c_d1, c_ln2, c_mlp, c_d2 = cache["parts"]
         df = self.drop.backward(dy, c_d2)
         dx1 = dy + self.ln2.backward(self.mlp.backward(df, c_mlp), c_ln2)  # undoes x1 + FFN(LN2(x1))
         da = self.drop.backward(dx1, c_d1)

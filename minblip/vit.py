@@ -276,6 +276,8 @@ class VisionTransformer(Module):
         for block, c_block in zip(reversed(self.blocks), reversed(c_blocks)):
             dx = block.backward(dx, c_block)  # undoes the blocks, last first
         dx = self.pos_drop.backward(dx, c_drop)
-        self.pos_embed.grad += dx.sum(axis=0, keepdims=True)  # undoes + pos_embed, broadcast over B
-        self.cls_token.grad += dx[:, :1].sum(axis=0, keepdims=True)  # undoes broadcast_to over B
+        if self.pos_embed.trainable:  # undoes + pos_embed, broadcast over B
+            self.pos_embed.grad += dx.sum(axis=0, keepdims=True)
+        if self.cls_token.trainable:  # undoes broadcast_to over B
+            self.cls_token.grad += dx[:, :1].sum(axis=0, keepdims=True)
         return self.patch_embed.backward(dx[:, 1:], c_patch)  # undoes the concat, then PatchEmbed

@@ -151,7 +151,7 @@ dpos[:T] = de[0]
 return dword, dpos
 """),
     # 5.1 ITC forward and backward
-    ("5.1", "minblip/blip.py::itc_forward",
+    ("5.1", "minblip/objectives.py::itc_forward",
      "text-to-image reads the rows of the image-to-text matrix (no transpose)", """
 text_all = text_feat if text_bank is None else text_bank
 image_all = image_feat if image_bank is None else image_bank
@@ -167,7 +167,7 @@ cache = (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t,
          text_bank is None, image_bank is None)
 return loss, {"loss": cache, "sim_i2t": sim_i2t / t, "sim_t2i": sim_t2i / t}
 """),
-    ("5.1", "minblip/blip.py::itc_forward",
+    ("5.1", "minblip/objectives.py::itc_forward",
      "forgets the temperature in the loss", """
 text_all = text_feat if text_bank is None else text_bank
 image_all = image_feat if image_bank is None else image_bank
@@ -183,7 +183,7 @@ cache = (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t,
          text_bank is None, image_bank is None)
 return loss, {"loss": cache, "sim_i2t": sim_i2t / t, "sim_t2i": sim_t2i / t}
 """),
-    ("5.1", "minblip/blip.py::itc_backward",
+    ("5.1", "minblip/objectives.py::itc_backward",
      "no gradient for the temperature", """
 (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
  text_online, image_online) = cache["loss"]
@@ -198,7 +198,7 @@ if image_online:
     d_image += dsim_t2i.T @ text_feat
 return d_image, d_text
 """),
-    ("5.1", "minblip/blip.py::itc_backward",
+    ("5.1", "minblip/objectives.py::itc_backward",
      "forgets the second use of each feature matrix", """
 (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
  text_online, image_online) = cache["loss"]
@@ -208,7 +208,7 @@ dlog_t2i = ce.backward(0.5 * dloss, c_t2i)
 temp.grad += -(np.sum(dlog_i2t * sim_i2t) + np.sum(dlog_t2i * sim_t2i)) / (t * t)
 return dlog_i2t / t @ text_all, dlog_t2i / t @ image_all
 """),
-    ("5.1", "minblip/blip.py::itc_backward",
+    ("5.1", "minblip/objectives.py::itc_backward",
      "the temperature gradient with the wrong sign", """
 (image_feat, text_feat, text_all, image_all, sim_i2t, sim_t2i, t, c_i2t, c_t2i,
  text_online, image_online) = cache["loss"]
@@ -236,21 +236,21 @@ norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
 return (dy - x * np.sum(x * dy, axis=-1, keepdims=True)) / norm
 """),
     # 6.1 hard negatives and the gather
-    ("6.1", "minblip/blip.py::hard_negative_weights",
+    ("6.1", "minblip/objectives.py::hard_negative_weights",
      "masks the positive before the softmax", """
 B = sim.shape[0]
 s = sim[:, :B].astype(np.float64)
 np.fill_diagonal(s, -np.inf)
 return softmax(s) + 1e-4
 """),
-    ("6.1", "minblip/blip.py::hard_negative_weights",
+    ("6.1", "minblip/objectives.py::hard_negative_weights",
      "forgets the + 1e-4", """
 B = sim.shape[0]
 w = softmax(sim[:, :B].astype(np.float64))
 np.fill_diagonal(w, 0.0)
 return w
 """),
-    ("6.1", "minblip/blip.py::hard_negative_weights",
+    ("6.1", "minblip/objectives.py::hard_negative_weights",
      "a softmax over every column of the bank, not the batch", """
 B = sim.shape[0]
 w = softmax(sim.astype(np.float64))[:, :B] + 1e-4
@@ -417,7 +417,7 @@ return dx[:1, :num_queries], dx[:, num_queries:]
 return dx[:, :num_queries].mean(axis=0, keepdims=True), dx[:, num_queries:]
 """),
     # 10.1 ITC with a maximum over the queries
-    ("10.1", "minblip/blip2.py::itc_max_backward",
+    ("10.1", "minblip/objectives.py::itc_max_backward",
      "d[idx] += g: a query that wins two texts keeps one of them", """
 image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
 B = sim.shape[0]
@@ -431,7 +431,7 @@ d_image = np.zeros_like(image_feats)
 d_image[rows, best] += dsim[..., None] * text_feat[None, :, :]
 return d_image, d_text
 """),
-    ("10.1", "minblip/blip2.py::itc_max_backward",
+    ("10.1", "minblip/objectives.py::itc_max_backward",
      "the text-to-image gradient not transposed back", """
 image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
 B = sim.shape[0]
@@ -445,7 +445,7 @@ d_image = np.zeros_like(image_feats)
 np.add.at(d_image, (rows, best), dsim[..., None] * text_feat[None, :, :])
 return d_image, d_text
 """),
-    ("10.1", "minblip/blip2.py::itc_max_backward",
+    ("10.1", "minblip/objectives.py::itc_max_backward",
      "spreads each pair's gradient evenly over the queries, as if the max were a mean", """
 image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
 Q = image_feats.shape[1]
@@ -456,7 +456,7 @@ d_text = dsim.T @ image_feats.mean(axis=1)
 d_image = np.repeat((dsim @ text_feat)[:, None, :] / Q, Q, axis=1)
 return d_image, d_text
 """),
-    ("10.1", "minblip/blip2.py::itc_max_backward",
+    ("10.1", "minblip/objectives.py::itc_max_backward",
      "forgets the upstream gradient dloss", """
 image_feats, text_feat, best, sim, t, ce, c_i2t, c_t2i = cache["loss"]
 B = sim.shape[0]
@@ -495,27 +495,27 @@ targets[:, :-1] = dec_ids[:, 1:]
 return dec_ids, targets
 """),
     # 11.1 masking the soft prompt out of the LM loss
-    ("11.1", "minblip/lm.py::causal_lm_targets",
+    ("11.1", "minblip/objectives.py::causal_lm_targets",
      "the prompt's text tokens stay targets", """
 targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
 ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
 return np.concatenate([ignore, targets], axis=1)
 """),
-    ("11.1", "minblip/lm.py::causal_lm_targets",
+    ("11.1", "minblip/objectives.py::causal_lm_targets",
      "the ignored soft-prompt block put after the text", """
 targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
 targets[:, :prompt_length] = IGNORE_INDEX
 ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
 return np.concatenate([targets, ignore], axis=1)
 """),
-    ("11.1", "minblip/lm.py::causal_lm_targets",
+    ("11.1", "minblip/objectives.py::causal_lm_targets",
      "off by one: hides BOS on top of the prompt_length tokens", """
 targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
 targets[:, :prompt_length + 1] = IGNORE_INDEX
 ignore = np.full((ids.shape[0], n_prefix), IGNORE_INDEX, dtype=np.int64)
 return np.concatenate([ignore, targets], axis=1)
 """),
-    ("11.1", "minblip/lm.py::causal_lm_targets",
+    ("11.1", "minblip/objectives.py::causal_lm_targets",
      "padding left as a target", """
 targets = ids.astype(np.int64)
 targets[:, :prompt_length] = IGNORE_INDEX

@@ -120,10 +120,10 @@ def test_l2_normalize_gradcheck_below_eps():
 
 
 @given(lead=lead_shapes, d=st.integers(1, 5), d_ff=st.integers(1, 8),
-       gelu=st.sampled_from(["none", "tanh"]), seed=seeds)
-def test_feedforward_gradcheck(lead, d, d_ff, gelu, seed):
+       activation=st.sampled_from(["gelu", "gelu_tanh", "relu"]), seed=seeds)
+def test_feedforward_gradcheck(lead, d, d_ff, activation, seed):
     rng = np.random.default_rng(seed)
-    layer = randomize(FeedForward(d, d_ff, rng, gelu=gelu), rng)
+    layer = randomize(FeedForward(d, d_ff, rng, activation=activation), rng)
     check_layer(layer, rng.standard_normal((*lead, d)), seed=seed + 1)
 
 

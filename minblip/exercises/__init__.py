@@ -114,7 +114,7 @@ EXERCISES: tuple[Exercise, ...] = (
         15, _tests("test_ex_4_1_notebook")),
     Exercise(
         "5.1", "the ITC loss and its backward", "05_itc",
-        ("minblip/blip.py::itc_forward", "minblip/blip.py::itc_backward"),
+        ("minblip/objectives.py::itc_forward", "minblip/objectives.py::itc_backward"),
         "Write the symmetric InfoNCE loss over the batch's similarity matrix and its "
         "gradient for the features (used twice) and the learnable temperature.",
         40, _tests("test_ex_5_1_itc_gradcheck_in_batch", "test_ex_5_1_itc_with_banks",
@@ -127,7 +127,7 @@ EXERCISES: tuple[Exercise, ...] = (
         15, _tests("test_ex_5_2_notebook")),
     Exercise(
         "6.1", "hard-negative mining and the np.add.at gather", "06_itm_hard_negatives",
-        ("minblip/blip.py::hard_negative_weights", "minblip/blip.py::pretrain_step"),
+        ("minblip/objectives.py::hard_negative_weights", "minblip/blip.py::pretrain_step"),
         "Build BLIP's sampling weights (softmax, + 1e-4, positive zeroed after the softmax) "
         "and scatter the negatives' image gradient back with np.add.at.",
         25, _tests("test_ex_6_1_hard_negative_weights", "test_ex_6_1_repeated_negative_gradient")),
@@ -174,7 +174,7 @@ EXERCISES: tuple[Exercise, ...] = (
         10, _tests("test_ex_9_2_notebook")),
     Exercise(
         "10.1", "ITC with a maximum over the queries: the backward", "10_blip2_stage1",
-        ("minblip/blip2.py::itc_max_backward",),
+        ("minblip/objectives.py::itc_max_backward",),
         "Route each pair's gradient through the max to its winning query only, scatter-add "
         "when one query wins several texts, and read the text-to-image loss transposed.",
         30, _tests("test_ex_10_1_itc_max_gradcheck", "test_ex_10_1_only_winners_get_gradient")),
@@ -186,7 +186,7 @@ EXERCISES: tuple[Exercise, ...] = (
         15, _tests("test_ex_10_2_notebook")),
     Exercise(
         "11.1", "masking the soft prompt out of the LM loss", "11_blip2_stage2",
-        ("minblip/lm.py::causal_lm_targets",),
+        ("minblip/objectives.py::causal_lm_targets",),
         "Label the whole [soft prompt | text] sequence the way blip2_opt.py does: -100 on "
         "the prompt positions, the text prompt and padding, the text tokens elsewhere.",
         15, _tests("test_ex_11_1_targets", "test_ex_11_1_lm_loss_by_hand")),

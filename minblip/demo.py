@@ -1,0 +1,55 @@
+"""The demo: a tiny BLIP pretrained on the built-in world, evaluated and reported.
+
+``python -m minblip demo`` trains with ``minblip.train`` and then calls
+:func:`write_demo_report`: retrieval, matching and captioning measured on the
+held-out test split and on the compositional split (scenes with a colour-shape
+pair never seen in training), and a report folder of plots and metrics.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import report
+from .evaluate import evaluate_split, retrieval_scores
+from .image import denormalize, preprocess
+from .train import Trainer
+
+
+def write_demo_report(trainer: Trainer, out) -> dict:
+    """Evaluate a trained BLIP (``trainer`` of a :class:`~minblip.train.BlipPretraining`
+    task) on the test and compositional splits and write the report folder ``out``
+    (plots, captions.jsonl, metrics.json). Returns the metrics."""
+    out = Path(out)
+    task = trainer.task
+    model, tok, cfg, data = trainer.model, task.tokenizer, trainer.cfg, task.dataset
+    start = time.perf_counter()
+    metrics, captions = evaluate_split(model, tok, data.test, cfg.image_size, seed=cfg.seed)
+    comp, comp_captions = evaluate_split(model, tok, data.compositional, cfg.image_size,
+                                         seed=cfg.seed)
+    metrics["compositional"] = comp
+    metrics["train_seconds"] = trainer.train_seconds
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["steps"] = trainer.step
+    metrics["parameters"] = model.param_count()
+    metrics["config"] = cfg.to_dict()
+    report.write_json(out / "metrics.json", metrics)
+    with open(out / "captions.jsonl", "w") as f:
+        for split, caps in ((data.test, captions), (data.compositional, comp_captions)):
+            for scene, truth, gen in zip(split.scenes, split.captions, caps):
+                f.write(json.dumps({"split": split.name, "generated": gen, "truth": truth,
+                                    "scene": scene.to_dict()}) + "\n")
+
+    pixels = preprocess(data.test.images, cfg.image_size)
+    images = denormalize(pixels)
+    n = min(16, len(images))
+    sim, _, t2i = retrieval_scores(model, tok, pixels[:n], data.test.captions[:n])
+    report.plot_losses(trainer.history, out / "loss_curves.png")
+    report.plot_similarity(sim, out / "similarity_matrix.png", n=n)
+    report.plot_retrieval(images, data.test.captions, t2i, out / "retrieval_examples.png",
+                          n_queries=min(4, n))
+    report.plot_captions(images, captions, data.test.captions, out / "captions.png")
+    sal = report.itm_patch_saliency(model, tok, pixels[:6], data.test.captions[:6])
+    report.plot_itm_heatmaps(images, data.test.captions, sal, out / "itm_heatmap.png")
+    return metrics
