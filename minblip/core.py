@@ -98,6 +98,30 @@ class Module:
                 out.append((name, p))
         return out
 
+    def modules(self) -> list["Module"]:
+        """This module and every sub-module reachable from it, each once, in
+        definition order (as PyTorch's ``modules()``)."""
+        out: list[Module] = []
+        seen: set[int] = set()
+
+        def visit(obj):
+            if isinstance(obj, Module):
+                if id(obj) in seen:
+                    return
+                seen.add(id(obj))
+                out.append(obj)
+                children = vars(obj).values()
+            elif isinstance(obj, (list, tuple)):
+                children = obj
+            elif isinstance(obj, dict):
+                children = obj.values()
+            else:
+                return
+            for child in children:
+                visit(child)
+        visit(self)
+        return out
+
     def params(self, include_frozen: bool = False) -> list[Param]:
         """Every trainable Param once (a tied Param is listed, updated and checked once)."""
         return [p for _, p in self.named_params(include_frozen=include_frozen)]

@@ -203,10 +203,12 @@ def check_layer(layer, *inputs, forward_kwargs=None, wrt=None, seed: int = 0,
     """Gradient-check one layer with the loss ``sum(out * R)``, R fixed and random.
 
     The layer is switched to float64 in place. Floating-point ``inputs`` are
-    copied to float64 and checked along with the layer's Params (as
-    ``input0``, ``input1``, ...); other inputs (token ids, masks) are passed as
-    they are. ``wrt`` lists the positions of the inputs to check, in the order
-    ``backward`` returns their gradients (default: every float input).
+    copied to float64 and checked along with the layer's trainable Params (as
+    ``input0``, ``input1``, ...); other inputs (token ids, masks, None) are
+    passed as they are. ``wrt`` lists the positions of the inputs to check
+    (default: every float input). By the core contract ``backward`` returns one
+    gradient per differentiable input, None for one that was not given: the
+    gradients that are not None are matched to ``wrt`` in order.
     """
     layer.to(np.float64)
     forward_kwargs = forward_kwargs or {}
@@ -225,7 +227,11 @@ def check_layer(layer, *inputs, forward_kwargs=None, wrt=None, seed: int = 0,
         loss = float(np.sum(np.asarray(out) * R))
         if backward:
             grads = layer.backward(R, cache)
-            grads = grads if isinstance(grads, tuple) else (grads,)
+            grads = [g for g in (grads if isinstance(grads, tuple) else (grads,))
+                     if g is not None]
+            if len(grads) != len(wrt):
+                raise ValueError(f"check_layer: backward returned {len(grads)} input "
+                                 f"gradients for the {len(wrt)} inputs checked ({wrt})")
             for i, g in zip(wrt, grads):
                 wrapped[i].grad += g
         return loss

@@ -186,7 +186,8 @@ class AdamW:
             p.zero_grad()
 
     def step(self, lr: float | None = None) -> None:
-        """Update every Param in place from its ``grad``.
+        """Update every trainable Param in place from its ``grad`` (a Param frozen
+        since the optimiser was built is left alone, moments and all).
 
         ``lr`` overrides the stored learning rate for this step only; a
         schedule passes ``warmup_cosine_lr(step, ...)`` here.
@@ -204,6 +205,8 @@ class AdamW:
         step_size = lr / (1.0 - beta1 ** t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
         for p, m, v, decays in zip(self.params, self.m, self.v, self.decay):
+            if p.frozen:  # frozen after the optimiser was built: it stays as it is
+                continue
             g = p.grad
             if decays and self.weight_decay != 0.0:
                 p.data *= 1.0 - lr * self.weight_decay  # decoupled: applied before, not via g

@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 
 from minblip import world
-from minblip.blip2 import (Blip2Config, Blip2Stage1, Frozen, Stage1Config, Stage1Trainer,
-                           generate_captions, itc_max_backward, itc_max_forward,
-                           negative_weights, pretrained_vision, retrieval_metrics,
-                           sample_negatives, stage1_step)
+from minblip.blip2_stage1 import Blip2Config, Blip2Stage1, sample_blip2_negatives, stage1_step
 from minblip.core import Param
+from minblip.evaluate_blip2 import stage1_captions, stage1_retrieval_metrics
 from minblip.gradcheck import gradcheck
+from minblip.objectives import (blip2_negative_weights, itc_max_backward, itc_max_forward,
+                                sample_negatives)
 from minblip.optim import AdamW, clip_grad_norm
 from minblip.qformer import QFormerConfig
 from minblip.softmax import log_softmax
 from minblip.tokenizer import Tokenizer
+from minblip.train import Trainer
+from minblip.train_blip2 import Stage1Config, Stage1Training, pretrained_vision
 from minblip.vit import ViTConfig, VisionTransformer
 
 WORDS = "a red blue green circle square small large left right of the picture".split()
@@ -94,13 +96,14 @@ def test_each_objective_adds_exactly_its_gradient():
 
 def test_params_exclude_the_frozen_encoder():
     model = make_model(0)
-    vit_ids = {id(p) for p in model.visual_encoder.module.params()}
+    vit_ids = {id(p) for p in model.visual_encoder.params(include_frozen=True)}
     assert vit_ids and not vit_ids & {id(p) for p in model.params()}
+    assert model.visual_encoder.frozen and model.visual_encoder.params() == []
     counts = model.parameter_counts()
-    assert counts["frozen"] == model.visual_encoder.module.param_count() > 0
+    assert counts["frozen"] == model.visual_encoder.param_count(include_frozen=True) > 0
     assert counts["trainable"] == sum(p.size for p in model.params())
     assert counts["total"] == counts["trainable"] + counts["frozen"]
-    assert isinstance(model.visual_encoder, Frozen)
+    assert counts["parts"]["visual_encoder"] == (0, counts["frozen"])
     # the LM head is tied to the Q-Former's word embeddings: one Param, listed once
     assert model.lm_head.weight is model.qformer.embeddings.word_embeddings.weight
     ids = [id(p) for p in model.params()]
@@ -109,8 +112,8 @@ def test_params_exclude_the_frozen_encoder():
 
 def test_frozen_encoder_gets_no_gradient_and_never_changes():
     model = make_model(3, dtype=np.float32, randomize=False)
-    vit = model.visual_encoder.module
-    before = [p.data.copy() for p in vit.params()]
+    vit = model.visual_encoder
+    before = [p.data.copy() for p in vit.params(include_frozen=True)]
     trainable_before = [p.data.copy() for p in model.params()]
     opt = AdamW(model, lr=1e-2, weight_decay=0.05)
     images, ids, mask = batch(4, dtype=np.float32)
@@ -118,10 +121,10 @@ def test_frozen_encoder_gets_no_gradient_and_never_changes():
         model.zero_grad()
         stage1_step(model, images, ids, mask, dec_id=TOK.dec_id,
                     rng=np.random.default_rng(step))
-        assert all(not p.grad.any() for p in vit.params())  # no gradient computed for it
+        assert all(not p.grad.any() for p in vit.params(include_frozen=True))  # none computed
         clip_grad_norm(model, 1.0)
         opt.step()
-    for b, p in zip(before, vit.params()):
+    for b, p in zip(before, vit.params(include_frozen=True)):
         np.testing.assert_array_equal(p.data, b)  # its parameters never change
     assert all(not np.array_equal(b, p.data) for b, p in zip(trainable_before, model.params())
                if p.grad.any())
@@ -131,14 +134,14 @@ def test_frozen_encoder_gets_no_gradient_and_never_changes():
 def test_to_switches_the_frozen_encoder_too():
     model = Blip2Stage1(tiny_config(), np.random.default_rng(0))
     model.to(np.float64)
-    assert all(p.dtype == np.float64 for p in model.visual_encoder.module.params())
+    assert all(p.dtype == np.float64 for p in model.visual_encoder.params(include_frozen=True))
 
 
 def test_given_encoder_is_used_and_checked():
     cfg = tiny_config()
     vit = VisionTransformer(cfg.vision, np.random.default_rng(5))
     model = Blip2Stage1(cfg, np.random.default_rng(0), visual_encoder=vit)
-    assert model.visual_encoder.module is vit
+    assert model.visual_encoder is vit and vit.frozen  # frozen in place, not copied
     other = VisionTransformer(ViTConfig(image_size=8, patch_size=4, width=6, depth=2, heads=2,
                                         mlp_dim=12), np.random.default_rng(0))
     with pytest.raises(ValueError, match="differs from cfg.vision"):
@@ -228,13 +231,13 @@ def test_temperature_is_not_clamped():
 def test_negative_weights_set_the_diagonal_before_the_softmax():
     rng = np.random.default_rng(0)
     sim = rng.standard_normal((4, 4)) * 3
-    w = negative_weights(sim)
+    w = blip2_negative_weights(sim)
     assert np.all(np.diag(w) == 0)
     np.testing.assert_allclose(w.sum(1), 1.0)
     off = ~np.eye(4, dtype=bool)
     expect = np.where(off, np.exp(sim), 0)
     np.testing.assert_allclose(w, expect / expect.sum(1, keepdims=True), rtol=1e-12)
-    draws = np.array([sample_negatives(sim, sim.T, np.random.default_rng(s))[1]
+    draws = np.array([sample_blip2_negatives(sim, np.random.default_rng(s))[1]
                       for s in range(3000)])
     assert not np.any(draws == np.arange(4))
     freq = np.mean(draws[:, 0][:, None] == np.arange(4), axis=0)
@@ -300,9 +303,9 @@ def test_itg_loss_equals_the_cached_formulation_by_hand():
 def test_captions_come_from_the_itg_head():
     model = make_model(8, randomize=False)
     images, _, _ = batch(2)
-    caps = generate_captions(model, TOK, images=images, max_length=6)
+    caps = stage1_captions(model, TOK, images=images, max_length=6)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
-    beam = generate_captions(model, TOK, images=images, method="beam", max_length=6)
+    beam = stage1_captions(model, TOK, images=images, method="beam", max_length=6)
     assert len(beam) == 2
 
 
@@ -319,7 +322,7 @@ def test_batch_of_one():
     assert r.losses["itm"] == 0.0 and r.itm_logits is None  # no negative to match against
     assert r.losses["itg"] > 0 and np.isfinite(r.loss)
     with pytest.raises(ValueError, match="at least 2"):
-        sample_negatives(np.zeros((1, 1)), np.zeros((1, 1)), np.random.default_rng(0))
+        sample_negatives(np.ones((1, 1)), np.ones((1, 1)), np.random.default_rng(0))
 
 
 def test_float32_step_stays_float32():
@@ -358,7 +361,7 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="encoder_width"):
         Blip2Config(qformer=QFormerConfig(vocab_size=10, encoder_width=32))
     with pytest.raises(ValueError, match="k_test"):
-        retrieval_metrics(model, TOK, TEXTS[:3], images=images, k_test=5)
+        stage1_retrieval_metrics(model, TOK, TEXTS[:3], images=images, k_test=5)
     with pytest.raises(ValueError, match="warmup_steps"):
         Stage1Config(steps=10, warmup_steps=10)
 
@@ -382,38 +385,38 @@ def test_short_training_run_reduces_every_loss():
                             np.random.default_rng(0))
     cfg = Stage1Config(width=32, depth=2, heads=2, mlp_dim=64, num_queries=4, embed_dim=16,
                        init_std=0.1, steps=60, warmup_steps=4, batch_size=16, lr=3e-3)
-    trainer = Stage1Trainer(cfg, vit, ds)
-    model, tok = trainer.model, trainer.tokenizer
+    trainer = Trainer(Stage1Training(cfg, vit, ds))
+    model, tok = trainer.model, trainer.task.tokenizer
     ids, mask = tok.encode([world.canonical_caption(s) for s in ds.train.scenes],
                            max_length=cfg.max_text_len)
     negatives = (np.roll(np.arange(16), 1), np.roll(np.arange(16), -1))
 
     def losses():
-        return stage1_step(model, None, ids, mask, image_features=trainer.train_features,
+        return stage1_step(model, None, ids, mask, image_features=trainer.task.train_features,
                            dec_id=tok.dec_id, negatives=negatives, backward=False).losses
 
     before = losses()
-    trainer.run()
+    trainer.run(progress=False)
     after = losses()
     for k in ("itc", "itm", "itg"):
         assert after[k] < before[k], (k, before, after)
     assert after["itc"] < math.log(16) - 0.3, after
-    assert len(trainer.history.itc) == 60
-    metrics = retrieval_metrics(model, tok, ds.test.captions, images=_pixels(ds.test),
-                                k_test=10)
+    assert len(trainer.history["itc"]) == 60 and len(trainer.history["temp"]) == 60
+    metrics = stage1_retrieval_metrics(model, tok, ds.test.captions, images=_pixels(ds.test),
+                                       k_test=10)
     assert set(metrics) >= {"itc_i2t_recall@1", "t2i_recall@10"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
 
 def test_pretrained_vision_from_a_run_and_from_a_checkpoint(tmp_path):
-    from minblip.train import Trainer, TrainConfig
+    from minblip.train import TrainConfig, blip_trainer
     ds = world.make_dataset(8, 0, 0, seed=3)
     small = dict(width=8, depth=1, heads=2, embed_dim=4, batch_size=4, warmup_steps=0)
     run = pretrained_vision(dataset=ds, steps=2, **small)
     assert isinstance(run.encoder, VisionTransformer) and run.encoder is run.blip.visual_encoder
-    assert run.train_config.n_train == 8 and len(run.history.itc) == 2
-    trainer = Trainer(TrainConfig(n_train=8, n_val=0, n_test=0, seed=3, steps=1, **small),
-                      dataset=ds)
+    assert run.train_config.n_train == 8 and len(run.history["itc"]) == 2
+    trainer = blip_trainer(TrainConfig(n_train=8, n_val=0, n_test=0, seed=3, steps=1, **small),
+                           dataset=ds)
     trainer.run(progress=False)
     path = tmp_path / "blip.npz"
     trainer.save(path)

@@ -5,8 +5,8 @@ import pytest
 
 from minblip.__main__ import main
 from minblip.blip2_pipeline import Blip2RunConfig, checkpoint_world, run_blip2
-from minblip.lm import QUESTION_KINDS
-from minblip.train import TrainConfig, Trainer
+from minblip.questions import QUESTION_KINDS
+from minblip.train import TrainConfig, blip_trainer
 
 TINY = dict(n_train=24, n_test=8, batch_size=8, vision_steps=3, vision_width=16,
             qformer_width=16, qformer_heads=2, num_queries=2, stage1_steps=3, lm_width=16,
@@ -60,7 +60,7 @@ def test_tiny_run_writes_every_metric_and_file(tmp_path, capsys):
 def test_vision_checkpoint_and_fresh_stage2(tmp_path):
     small = dict(n_train=30, n_val=0, n_test=10, width=16, depth=1, heads=2, embed_dim=8,
                  batch_size=8, steps=2, warmup_steps=0)
-    trainer = Trainer(TrainConfig(**small))
+    trainer = blip_trainer(TrainConfig(**small))
     trainer.run(progress=False, checkpoint_path=tmp_path / "ckpt.npz")
     cfg = Blip2RunConfig(**{**TINY, "stage2_init": "fresh", "n_test": 10})
     metrics = run_blip2(tmp_path / "out", cfg, vision_checkpoint=tmp_path / "ckpt.npz")
@@ -70,7 +70,7 @@ def test_vision_checkpoint_and_fresh_stage2(tmp_path):
     assert metrics["parameters_by_part"]["visual_encoder"]["total"] == vit
     # the checkpoint's world: its test split, which its ViT never trained on
     data = checkpoint_world(trainer.cfg, 24, 10)
-    assert {s.key() for s in data.test.scenes} == {s.key() for s in trainer.dataset.test.scenes}
+    assert {s.key() for s in data.test.scenes} == {s.key() for s in trainer.task.dataset.test.scenes}
     with pytest.raises(ValueError, match="only 10 test images"):
         checkpoint_world(trainer.cfg, 24, 11)
 

@@ -4,16 +4,19 @@ import numpy as np
 import pytest
 
 from minblip import gradcheck, world
-from minblip.blip2 import Blip2Config, Blip2Stage1, Frozen
-from minblip.blip2_stage2 import (Blip2Stage2, Stage2Config, build_stage2, caption_images,
-                                  evaluate_captions, parameter_counts, qa_items, stage2_step,
-                                  train_stage2, zero_shot_qa)
+from minblip.blip2_stage1 import Blip2Config, Blip2Stage1
+from minblip.blip2_stage2 import Blip2Stage2, build_stage2, stage2_step
+from minblip.evaluate_blip2 import (evaluate_stage2_captions, qa_items, stage2_captions,
+                                    zero_shot_qa)
 from minblip.image import preprocess
 from minblip.layers import LayerNorm, Linear
-from minblip.lm import LanguageModel, LMConfig, _modules, all_named_params, build_lm_tokenizer
+from minblip.lm import LanguageModel, LMConfig
 from minblip.optim import AdamW
 from minblip.qformer import QFormer, QFormerConfig
+from minblip.questions import build_lm_tokenizer
 from minblip.softmax import CrossEntropyLoss, log_softmax
+from minblip.train import Trainer
+from minblip.train_blip2 import Stage2Config, Stage2Training
 from minblip.vit import ViTConfig, VisionTransformer
 
 Q = 3
@@ -40,7 +43,7 @@ def build(vocab=11, lm_width=10, seed=0, max_positions=12):
 def randomize(model, seed=5, scale=0.4):
     model.to(np.float64)
     rng = np.random.default_rng(seed)
-    for name, p in (all_named_params(model) + all_named_params(model.visual_encoder.module)):
+    for name, p in model.named_params(include_frozen=True):
         p.data[...] = rng.normal(0.0, scale, p.shape) + (1.0 if name.endswith("gamma") else 0.0)
     return model
 
@@ -53,7 +56,8 @@ def batch(seed=1):
 
 
 def frozen_params(model):
-    return all_named_params(model.language_model) + all_named_params(model.visual_encoder.module)
+    return (model.language_model.named_params(include_frozen=True)
+            + model.visual_encoder.named_params(include_frozen=True))
 
 
 # ---------------------------------------------------------------------------
@@ -72,11 +76,12 @@ def test_params_are_exactly_the_trainable_parts():
                    or ".ffn_ln." in n for n in names)
     trainable = {id(p) for p in model.params()}
     assert not trainable & {id(p) for _, p in frozen_params(model)}
-    counts = parameter_counts(model)
+    assert all(p.frozen for _, p in frozen_params(model))
+    counts = model.parameter_counts()
     assert counts["trainable"] == model.param_count()
     assert counts["total"] == counts["trainable"] + sum(p.size for _, p in frozen_params(model))
-    assert counts["parts"]["language_model"] == (0, sum(
-        p.size for _, p in all_named_params(model.language_model)))
+    assert counts["parts"]["language_model"] == (
+        0, model.language_model.param_count(include_frozen=True))
     assert counts["parts"]["visual_encoder"][0] == 0
 
 
@@ -95,21 +100,24 @@ def test_stage2_gradcheck_through_the_frozen_lm():
     assert all(not p.grad.any() for _, p in frozen_params(model))
 
 
-def test_no_gradient_is_computed_for_frozen_parts(monkeypatch):
+def test_frozen_lm_runs_its_own_backward_and_adds_nothing(monkeypatch):
+    """The frozen LM is back-propagated through its ordinary layers (one backward
+    formula each) and no weight gradient reaches any frozen Param; the frozen ViT,
+    whose input is pixels, is never back-propagated at all."""
     model = randomize(build())
     images, ids, mask = batch()
-    frozen_ids = {id(m) for m in _linears(model.language_model) + _linears(
-        model.visual_encoder.module)}
-    assert len(frozen_ids) == 6 + 7  # LM: q, k, v, out, fc1, fc2; ViT: those and the patches
-    calls = []
+    lm_linears = {id(m) for m in _linears(model.language_model)}
+    assert len(lm_linears) == 6  # q, k, v, out, fc1, fc2
+    ran = set()
     original = Linear.backward
     monkeypatch.setattr(Linear, "backward",
-                        lambda self, *a: calls.append(id(self) in frozen_ids) or original(self, *a))
+                        lambda self, *a: ran.add(id(self)) or original(self, *a))
     monkeypatch.setattr(VisionTransformer, "backward",
                         lambda *a: pytest.fail("the frozen ViT was back-propagated"))
     model.zero_grad()
     result = stage2_step(model, images, ids, mask)
-    assert calls and not any(calls)  # trainable Linears ran backward, frozen ones never did
+    assert lm_linears <= ran  # the frozen LM's layers carried the gradient to the prompt
+    assert all(not p.grad.any() for _, p in frozen_params(model))
     assert np.abs(result.d_soft_prompt).sum() > 0
     assert np.abs(model.language_projection.W.grad).sum() > 0
     assert np.abs(model.qformer.query_tokens.grad).sum() > 0
@@ -117,7 +125,7 @@ def test_no_gradient_is_computed_for_frozen_parts(monkeypatch):
 
 
 def _linears(module):
-    return [m for m in _modules(module, set()) if isinstance(m, Linear)]
+    return [m for m in module.modules() if isinstance(m, Linear)]
 
 
 def test_frozen_parts_never_change_under_the_optimiser():
@@ -200,8 +208,7 @@ def test_from_stage1_copies_the_qformer_and_shares_the_frozen_vit():
     lm = LanguageModel(LMConfig(vocab_size=11, width=10, depth=1, heads=2, mlp_dim=12,
                                 max_positions=12), rng)
     model = Blip2Stage2.from_stage1(stage1, lm, rng)
-    assert isinstance(model.visual_encoder, Frozen)
-    assert model.visual_encoder.module is stage1.visual_encoder.module
+    assert model.visual_encoder is stage1.visual_encoder and model.visual_encoder.frozen
     assert model.qformer is not stage1.qformer
     np.testing.assert_array_equal(model.qformer.query_tokens.data, stage1.qformer.query_tokens.data)
     assert stage1.qformer.embeddings.word_embeddings is not None  # stage 1 keeps its text parts
@@ -225,7 +232,7 @@ def test_build_stage2_from_stage1_or_fresh():
     started = build_stage2(lm(), rng, stage1=stage1)
     np.testing.assert_array_equal(started.ln_vision.gamma.data, stage1.ln_vision.gamma.data)
     fresh = build_stage2(lm(), rng, visual_encoder=stage1.visual_encoder, qformer_cfg=q_cfg())
-    assert fresh.visual_encoder.module is stage1.visual_encoder.module
+    assert fresh.visual_encoder is stage1.visual_encoder
     assert fresh.qformer.cfg == q_cfg() and fresh.ln_vision.eps == 1e-5
     with pytest.raises(ValueError, match="neither"):
         build_stage2(lm(), rng, stage1=stage1, qformer_cfg=q_cfg())
@@ -237,15 +244,17 @@ def test_short_stage2_run_reduces_the_loss_and_the_tools_run():
     tok = build_lm_tokenizer()
     data = tiny_world()
     model = tiny_stage2(tok)
-    history = train_stage2(model, tok, data.train,
-                           Stage2Config(steps=25, batch_size=8, lr=1e-2, warmup_steps=2))
-    assert np.mean(history.loss[-5:]) < 0.85 * np.mean(history.loss[:2])
-    metrics, captions = evaluate_captions(model, tok, data.test, method="greedy", max_length=12)
+    task = Stage2Training(model, tok, data.train,
+                          Stage2Config(steps=25, batch_size=8, lr=1e-2, warmup_steps=2))
+    losses = Trainer(task).run(progress=False)["loss"]
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:2])
+    metrics, captions = evaluate_stage2_captions(model, tok, data.test, method="greedy",
+                                                 max_length=12)
     assert len(captions) == len(data.test) and 0.0 <= metrics["caption_attribute_accuracy"] <= 1.0
     assert {"caption_colour_accuracy", "caption_shape_accuracy", "caption_size_accuracy",
             "caption_position_accuracy"} <= set(metrics)
     pixels = preprocess(data.test.images[:2], 32)
-    beams = caption_images(model, tok, pixels, method="beam", num_beams=2, max_length=8)
+    beams = stage2_captions(model, tok, pixels, method="beam", num_beams=2, max_length=8)
     assert len(beams) == 2 and all(isinstance(c, str) for c in beams)
     qa = zero_shot_qa(model, tok, data.test)
     assert qa["colour"]["chance"] == pytest.approx(1 / 6) and qa["size"]["chance"] == 0.5
@@ -298,5 +307,5 @@ def test_bad_input():
         Blip2Stage2.from_stage1(object(), lm, rng)
     tok = build_lm_tokenizer()
     with pytest.raises(ValueError, match="tokenizer has"):
-        train_stage2(model, tok, tiny_world().train,
-                     Stage2Config(steps=1, batch_size=2, warmup_steps=0))
+        Stage2Training(model, tok, tiny_world().train,
+                       Stage2Config(steps=1, batch_size=2, warmup_steps=0))

@@ -14,16 +14,16 @@ import numpy as np
 
 from minblip import Module, Param, check_layer, gradcheck
 from minblip.attention import ScaledDotProductAttention, causal_mask, padding_mask
-from minblip.blip import BLIP, BLIPConfig, hard_negative_weights, itc_backward, itc_forward
-from minblip.blip import pretrain_step
-from minblip.blip2 import itc_max_backward, itc_max_forward
+from minblip.blip import BLIP, BLIPConfig, pretrain_step
 from minblip.capfilt import bootstrap_captions, keep_mask
 from minblip.exercises import BY_ID
 from minblip.exercises.grading import run_notebook_exercise
 from minblip.generation import top_p_filter
 from minblip.hf import fused_qkv_from_hf, fused_qkv_to_hf, hf_state_dict, load_hf_state_dict
 from minblip.layers import LayerNorm
-from minblip.lm import LanguageModel, LMConfig, causal_lm_targets, lm_step
+from minblip.lm import LanguageModel, LMConfig, lm_step
+from minblip.objectives import (causal_lm_targets, hard_negative_weights, itc_backward,
+                                itc_forward, itc_max_backward, itc_max_forward)
 from minblip.qformer import MODES, qformer_mask
 from minblip.softmax import CrossEntropyLoss, softmax
 from minblip.text import TextConfig, build_med, shared_parameter_names
