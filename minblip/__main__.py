@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 def keep_freed_memory() -> None:
     """Speed trick for long runs: glibc hands large freed blocks back to the
     operating system, so every step's NumPy temporaries are page-faulted in
-    again (about 12% of a training step here); these two ``mallopt`` settings
+    again (benchmarks/README.md measures the cost); these two ``mallopt`` settings
     (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) keep them in the heap for reuse. A
     no-op where the C library is not glibc."""
     try:
