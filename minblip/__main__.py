@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import sys
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ def run_report(trainer, out: Path) -> dict:
     the report folder (plots, captions, metrics.json)."""
     from . import report
     from .evaluate import evaluate_split, retrieval_scores
+    from .files import write_json_atomic, write_jsonl_atomic
     from .image import denormalize, preprocess
 
     model, tok, cfg, data = trainer.model, trainer.tokenizer, trainer.cfg, trainer.dataset
@@ -86,12 +86,11 @@ def run_report(trainer, out: Path) -> dict:
     metrics["steps"] = trainer.step
     metrics["parameters"] = model.param_count()
     metrics["config"] = cfg.to_dict()
-    report.write_json(out / "metrics.json", metrics)
-    with open(out / "captions.jsonl", "w") as f:
-        for split, caps in ((data.test, captions), (data.compositional, comp_captions)):
-            for scene, truth, gen in zip(split.scenes, split.captions, caps):
-                f.write(json.dumps({"split": split.name, "generated": gen, "truth": truth,
-                                    "scene": scene.to_dict()}) + "\n")
+    write_json_atomic(out / "metrics.json", metrics)
+    records = [{"split": split.name, "generated": gen, "truth": truth, "scene": scene.to_dict()}
+               for split, caps in ((data.test, captions), (data.compositional, comp_captions))
+               for scene, truth, gen in zip(split.scenes, split.captions, caps)]
+    write_jsonl_atomic(out / "captions.jsonl", records)
 
     pixels = preprocess(data.test.images, cfg.image_size)
     images = denormalize(pixels)
@@ -139,8 +138,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import report
     from .evaluate import evaluate_split
+    from .files import write_json_atomic
     from .train import build_dataset, load_model
     model, tok, cfg = load_model(args.checkpoint)
     data = build_dataset(cfg)
@@ -149,7 +148,7 @@ def cmd_eval(args) -> int:
     for key, value in metrics.items():
         print(f"{key:<36} {value:.4f}" if isinstance(value, float) else f"{key:<36} {value}")
     if args.out:
-        report.write_json(args.out, metrics)
+        write_json_atomic(args.out, metrics)
     return 0
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +56,7 @@ from . import report, world
 from .blip2 import Stage1Config, Stage1Trainer, pretrained_vision, retrieval_metrics
 from .blip2_stage2 import (Stage2Config, build_stage2, evaluate_captions, parameter_counts,
                            train_stage2, zero_shot_qa)
+from .files import write_json_atomic, write_jsonl_atomic
 from .image import preprocess
 from .lm import QUESTION_KINDS, LanguageModel, LMConfig, build_lm_tokenizer, pretrain_lm
 from .qformer import QFormerConfig
@@ -362,19 +362,16 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
                    stage2_final_loss=float(np.mean(history.loss[-50:])))
     metrics.update({f"{part}_seconds": s for part, s in seconds.items()})
 
-    with open(out / "captions.jsonl", "w") as f:
-        for scene, truth, caption in zip(data.test.scenes, data.test.captions, captions):
-            f.write(json.dumps({"generated": caption, "truth": truth,
-                                "scene": scene.to_dict()}) + "\n")
-    with open(out / "answers.jsonl", "w") as f:
-        for item in qa["items"]:
-            f.write(json.dumps(item) + "\n")
+    records = [{"generated": caption, "truth": truth, "scene": scene.to_dict()}
+               for scene, truth, caption in zip(data.test.scenes, data.test.captions, captions)]
+    write_jsonl_atomic(out / "captions.jsonl", records)
+    write_jsonl_atomic(out / "answers.jsonl", qa["items"])
     plot_losses(vision.history, trainer.history, lm_run["loss"], history.loss,
                 out / "loss_curves.png")
     report.plot_captions(data.test.images, captions, data.test.captions, out / "captions.png")
     metrics["total_seconds"] = time.perf_counter() - wall0
     metrics["cpu_seconds"] = time.process_time() - cpu0
-    report.write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
@@ -421,7 +418,7 @@ def plot_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) 
         ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (moving average over 25 steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report.save_figure(fig, path)
 
 
 def format_table(metrics: dict) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 from . import world
 from .blip import BLIP
 from .evaluate import caption_images, caption_metrics, match_probability, retrieval_metrics
+from .files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .image import preprocess
 from .train import TrainConfig, Trainer, build_tokenizer
 
@@ -1009,10 +1010,9 @@ def write_report(out, runs: list[CapFiltRun], summary: dict) -> None:
     """Write ``metrics.json`` (the summary plus every seed's numbers),
     ``table.md``, ``texts.jsonl`` (every web image of the first seed with both
     texts, p(match) and the verdicts) and four plots into folder ``out``."""
-    import json
     from pathlib import Path
 
-    from .report import write_json
+    from .report import save_figure
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = [{"seed": r.cfg.seed, "settings": r.settings, "train_pairs": r.train_pairs,
@@ -1020,26 +1020,25 @@ def write_report(out, runs: list[CapFiltRun], summary: dict) -> None:
                  "text_accuracy": r.text_accuracy, "seconds": r.seconds,
                  "roc_auc": threshold_curve(r.p_web, r.data.web.is_noisy)["roc_auc"]}
                 for r in runs]
-    write_json(out / "metrics.json", _finite({**summary, "per_seed": per_seed}))
-    (out / "table.md").write_text(
+    write_json_atomic(out / "metrics.json", _finite({**summary, "per_seed": per_seed}))
+    write_text_atomic(
+        out / "table.md",
         "# CapFilt, measured\n\n" + format_table(summary) + "\n\n## Paired differences\n\n"
         + format_difference_table(summary) + "\n\n## The filter\n\n"
         + format_filter_table(summary) + "\n")
     run = runs[0]
     web = run.data.web
-    with open(out / "texts.jsonl", "w") as f:
-        for i in range(len(web)):
-            f.write(json.dumps({
-                "seed": run.cfg.seed, "index": i, "scene": web.scenes[i].to_dict(),
-                "web_text": web.captions[i], "noise_kind": web.noise_kind[i],
-                "p_web": float(run.p_web[i]), "web_kept": bool(run.keep_web[i]),
-                "synthetic_text": run.synthetic[i],
-                "synthetic_true": bool(run.synthetic_true[i]),
-                "p_synthetic": float(run.p_synthetic[i]),
-                "synthetic_kept": bool(run.keep_synthetic[i])}) + "\n")
+    write_jsonl_atomic(out / "texts.jsonl", [{
+        "seed": run.cfg.seed, "index": i, "scene": web.scenes[i].to_dict(),
+        "web_text": web.captions[i], "noise_kind": web.noise_kind[i],
+        "p_web": float(run.p_web[i]), "web_kept": bool(run.keep_web[i]),
+        "synthetic_text": run.synthetic[i],
+        "synthetic_true": bool(run.synthetic_true[i]),
+        "p_synthetic": float(run.p_synthetic[i]),
+        "synthetic_kept": bool(run.keep_synthetic[i])} for i in range(len(web))])
     figures = {"threshold_curve.png": plot_threshold_curves(runs),
                "match_histograms.png": plot_match_histograms(run),
                "examples.png": plot_examples(run, pick_examples(run, per_group=1)),
                "table.png": plot_table(summary)}
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)

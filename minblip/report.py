@@ -1,31 +1,11 @@
 """The report folder of a run: plots, captions and ``metrics.json``."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
 from .blip import BLIP
+from .files import write_atomic
 from .tokenizer import Tokenizer
-
-
-def write_json(path, data) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _figure(nrows: int = 1, ncols: int = 1, figsize=(6, 4), grid: bool = False):
@@ -35,6 +15,11 @@ def _figure(nrows: int = 1, ncols: int = 1, figsize=(6, 4), grid: bool = False):
     from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=not grid)
+
+
+def save_figure(fig, path) -> None:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG at 110 dpi, atomically."""
+    write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=110))
 
 
 def smooth(values, window: int = 25):
@@ -55,7 +40,7 @@ def plot_losses(history, path) -> None:
     ax.set_title("BLIP pretraining losses")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_similarity(sim, path, n: int = 16) -> None:
@@ -66,7 +51,7 @@ def plot_similarity(sim, path, n: int = 16) -> None:
     ax.set_title(f"ITC cosine similarity, first {n} test pairs")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_retrieval(images, captions, t2i_scores, path, n_queries: int = 4, top: int = 3) -> None:
@@ -88,7 +73,7 @@ def plot_retrieval(images, captions, t2i_scores, path, n_queries: int = 4, top: 
                               ha="right", va="center", labelpad=8)
     fig.suptitle("text-to-image retrieval (green: the right image)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -114,7 +99,7 @@ def plot_captions(images, generated, truth, path, n: int = 12) -> None:
         ax.set_title("\n".join(_wrap("model: " + generated[k], 30) + _wrap("truth: " + truth[k], 30)),
                      fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def itm_patch_saliency(model: BLIP, tokenizer: Tokenizer, pixels, captions, max_length: int = 30):
@@ -158,4 +143,4 @@ def plot_itm_heatmaps(images, captions, saliency, path, n: int = 6) -> None:
     axes[1, 0].set_ylabel("ITM gradient\nper patch", fontsize=8)
     fig.suptitle("which patches the image-text matching score depends on")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)

@@ -44,7 +44,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +51,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from .files import write_atomic, write_jsonl_atomic
 
 # ---------------------------------------------------------------------------
 # The attributes of the world
@@ -1021,24 +1022,6 @@ def make_noisy(
 # ---------------------------------------------------------------------------
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, then move it into place."""
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
-    # Mode 0o666 leaves permissions to the umask, as for any new file; O_EXCL
-    # never reuses another writer's temporary file.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    handle = os.open(temporary, flags, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def save_split(split: Split, folder: str) -> None:
     """Write ``split`` to ``folder``: one PNG per image and ``captions.jsonl``.
 
@@ -1055,11 +1038,11 @@ def save_split(split: Split, folder: str) -> None:
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise ValueError("save_split needs distinct non-negative image_ids, they name the PNG files")
     os.makedirs(folder, exist_ok=True)
-    lines = []
+    records = []
     for i, image_id in enumerate(ids):
         file_name = f"{image_id:06d}.png"
         picture = Image.fromarray(split.images[i])
-        _write_atomic(os.path.join(folder, file_name), lambda file: picture.save(file, format="PNG"))
+        write_atomic(os.path.join(folder, file_name), lambda file: picture.save(file, format="PNG"))
         record = {
             "file": file_name,
             "image_id": image_id,
@@ -1072,9 +1055,8 @@ def save_split(split: Split, folder: str) -> None:
             record["clean_caption"] = split.clean_captions[i]
             record["is_noisy"] = bool(split.is_noisy[i])
             record["noise_kind"] = split.noise_kind[i]
-        lines.append(json.dumps(record))
-    text = "\n".join(lines) + "\n"
-    _write_atomic(os.path.join(folder, CAPTIONS_FILE), lambda file: file.write(text.encode("utf-8")))
+        records.append(record)
+    write_jsonl_atomic(os.path.join(folder, CAPTIONS_FILE), records)
 
 
 _CLEAN_FIELDS = {
@@ -1202,7 +1184,7 @@ def write_samples(folder: str) -> None:
     photos = os.path.join(folder, "photos")
     os.makedirs(photos, exist_ok=True)
     with open(os.path.join(matplotlib.get_data_path(), "sample_data", PHOTO_NAME), "rb") as source:
-        _write_atomic(os.path.join(photos, PHOTO_NAME), lambda file: shutil.copyfileobj(source, file))
+        write_atomic(os.path.join(photos, PHOTO_NAME), lambda file: shutil.copyfileobj(source, file))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,6 +1,7 @@
-"""Atomic writes (minblip.files): the permissions a written file gets, what a
-failed write leaves behind, and the clean-up of temporary files an interrupted
-write left."""
+"""Atomic writes (minblip.files) and every writer of the package that uses them:
+the permissions a written file gets, what a failed write leaves behind, and the
+clean-up of temporary files an interrupted write left."""
+import json
 import os
 import secrets
 import stat
@@ -8,10 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from minblip import hf, report, world
+from minblip.checkpoint import save_checkpoint
 from minblip.files import (remove_stale_temps, write_atomic, write_bytes_atomic,
                            write_json_atomic, write_jsonl_atomic, write_text_atomic)
+from minblip.layers import Linear
+from minblip.tokenizer import Tokenizer
+from minblip.wordpiece import WordPieceTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +41,63 @@ def assert_usual_mode(folder: Path, umask: int) -> None:
     assert files
     modes = {p.name: oct(mode(p)) for p in files}
     assert modes == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+# ---------------------------------------------------------------------------------------
+# Every writer of the package, each writing into a fresh folder
+# ---------------------------------------------------------------------------------------
+
+def write_checkpoint(folder: Path) -> None:
+    save_checkpoint(folder / "checkpoint.npz", Linear(3, 2, np.random.default_rng(0)),
+                    {"d": 3}, step=1)
+
+
+def write_safetensors(folder: Path) -> None:
+    hf.write_safetensors(folder / "model.safetensors", {"w": np.ones((2, 3), np.float32)},
+                         metadata={"format": "pt"})
+
+
+def write_report_json(folder: Path) -> None:
+    write_json_atomic(folder / "metrics.json", {"recall@1": 0.5, "steps": 3})
+
+
+def write_figure(folder: Path) -> None:
+    report.plot_similarity(np.eye(4), folder / "similarity_matrix.png", n=4)
+
+
+def write_tokenizer(folder: Path) -> None:
+    Tokenizer(["a", "red", "circle"]).save(folder / "tokenizer.json")
+
+
+def write_vocab(folder: Path) -> None:
+    WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "##b"]).save(folder / "vocab.txt")
+
+
+def write_world_split(folder: Path) -> None:
+    dataset = world.make_dataset(3, 0, 0, seed=0)
+    world.save_split(world.make_noisy(dataset.train, 0.5, seed=0), folder / "split")
+
+
+WRITERS = {"checkpoint": write_checkpoint, "safetensors": write_safetensors,
+           "report json": write_report_json, "figure": write_figure,
+           "tokenizer": write_tokenizer, "wordpiece vocab": write_vocab,
+           "world split": write_world_split}
+
+
+@pytest.mark.parametrize("write", WRITERS.values(), ids=WRITERS.keys())
+def test_every_writer_gives_the_usual_permissions_and_leaves_no_temporary_file(
+        tmp_path, umask, write):
+    write(tmp_path)
+    assert_usual_mode(tmp_path, umask)
+    assert not [p.name for p in tmp_path.rglob("*.tmp")]
+
+
+def test_overwriting_takes_the_usual_permissions_not_the_old_files(tmp_path, umask):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("old")
+    os.chmod(path, 0o600)
+    write_tokenizer(tmp_path)
+    assert mode(path) == 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,7 +160,7 @@ def test_a_failing_rename_leaves_the_target_and_no_temporary_file(tmp_path, monk
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
-        write_bytes_atomic(path, b"the new file")
+        write_safetensors(tmp_path)
     monkeypatch.undo()
     assert path.read_bytes() == b"the old file"
     assert os.listdir(tmp_path) == ["model.safetensors"]
