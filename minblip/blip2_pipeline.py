@@ -403,7 +403,7 @@ def _curve(ax, values, label: str) -> None:
 def plot_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) -> None:
     """Three panels: the pretraining of the parts that will be frozen (the ITC-only
     BLIP, if one was trained here, and the LM), stage 1's three losses, stage 2's loss."""
-    fig, axes = report._figure(1, 3, figsize=(15, 4))
+    fig, axes = report.new_figure(1, 3, figsize=(15, 4))
     if vision_history is not None:
         _curve(axes[0], vision_history.itc, "BLIP ITC (its ViT: frozen after)")
     _curve(axes[0], lm_losses, "LM next-word CE (frozen after)")

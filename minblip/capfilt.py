@@ -856,9 +856,9 @@ def format_filter_table(summary: dict) -> str:
 def plot_threshold_curves(runs: list[CapFiltRun], threshold: float | None = None):
     """Precision-recall and ROC curves of "removed" (p(match) <= t) on the web
     texts, one line per seed, the threshold in use marked. Returns the figure."""
-    from .report import _figure
+    from .report import new_figure
     threshold = runs[0].cfg.threshold if threshold is None else threshold
-    fig, (ax_pr, ax_roc) = _figure(1, 2, figsize=(10, 4.2))
+    fig, (ax_pr, ax_roc) = new_figure(1, 2, figsize=(10, 4.2))
     for k, run in enumerate(runs):
         curve = threshold_curve(run.p_web, run.data.web.is_noisy, np.linspace(0, 1, 201))
         at = threshold_curve(run.p_web, run.data.web.is_noisy, [threshold])
@@ -889,14 +889,14 @@ def plot_threshold_curves(runs: list[CapFiltRun], threshold: float | None = None
 def plot_match_histograms(run: CapFiltRun):
     """The filter's p(match) for clean web texts, each kind of corrupted web
     text, and true / not-true synthetic texts, with the threshold. Returns the figure."""
-    from .report import _figure
+    from .report import new_figure
     web = run.data.web
     kinds = np.array([k or "clean" for k in web.noise_kind])
     groups = [(f"web: {k}", run.p_web[kinds == k]) for k in ("clean", *world.NOISE_KINDS)
               if np.any(kinds == k)]
     groups += [("synthetic: true", run.p_synthetic[run.synthetic_true]),
                ("synthetic: not true", run.p_synthetic[~run.synthetic_true])]
-    fig, axes = _figure(1, len(groups), figsize=(2.4 * len(groups), 2.8))
+    fig, axes = new_figure(1, len(groups), figsize=(2.4 * len(groups), 2.8))
     bins = np.linspace(0, 1, 21)
     for ax, (name, p) in zip(axes, groups):
         ax.hist(p, bins=bins, color="C2" if name.endswith(("clean", ": true")) else "C3")
@@ -933,7 +933,7 @@ def plot_examples(run: CapFiltRun, indices, cols: int = 2):
     corruption and whether the synthetic text is true are named. Returns the figure."""
     from matplotlib.figure import Figure
 
-    from .report import _wrap
+    from .report import wrap_text
     indices = list(indices)
     rows = (len(indices) + cols - 1) // cols
     fig = Figure(figsize=(6.2 * cols, 1.45 * rows))
@@ -954,7 +954,7 @@ def plot_examples(run: CapFiltRun, indices, cols: int = 2):
                   f"p={run.p_synthetic[i]:.2f}: {run.synthetic[i]}", run.keep_synthetic[i])]
         y = 0.95
         for text, kept in lines:
-            wrapped = _wrap(("KEPT " if kept else "REMOVED ") + text, 58)
+            wrapped = wrap_text(("KEPT " if kept else "REMOVED ") + text, 58)
             text_ax.text(0.03, y, "\n".join(wrapped), transform=text_ax.transAxes, va="top",
                          fontsize=8, color="darkgreen" if kept else "firebrick")
             y -= 0.16 * len(wrapped) + 0.1
@@ -964,11 +964,11 @@ def plot_examples(run: CapFiltRun, indices, cols: int = 2):
 
 def plot_table(summary: dict):
     """The measured Table 1 as bars with the seed spread (sample std). Returns the figure."""
-    from .report import _figure
+    from .report import new_figure
     names = _ordered(summary["settings"])
     labels = {"i2t_recall@1": "image→text R@1", "t2i_recall@1": "text→image R@1",
               "caption_attribute_accuracy": "caption attribute accuracy"}
-    fig, ax = _figure(figsize=(9, 3.8))
+    fig, ax = new_figure(figsize=(9, 3.8))
     width = 0.8 / len(names)
     x = np.arange(len(TABLE_METRICS))
     for k, name in enumerate(names):
