@@ -205,7 +205,7 @@ def cmd_retrieve(args) -> int:
 
 
 def cmd_capfilt(args) -> int:
-    from . import capfilt
+    from . import capfilt, capfilt_experiment
     cfg = capfilt.CapFiltConfig(
         noise=args.noise, threshold=args.threshold, n_clean=args.n_clean, n_web=args.n_web,
         n_test=args.n_test, width=args.width, depth=args.depth, batch_size=args.batch_size,
@@ -216,13 +216,14 @@ def cmd_capfilt(args) -> int:
           f"+ {cfg.n_web} web images, {steps} optimiser steps in {args.jobs} process(es); "
           f"report in {out}/")
     start = time.perf_counter()
-    runs = capfilt.run_seeds(cfg, args.seeds, jobs=args.jobs, progress=not args.quiet)
-    summary = capfilt.summarize(runs)
+    runs = capfilt_experiment.run_seeds(cfg, args.seeds, jobs=args.jobs, progress=not args.quiet)
+    summary = capfilt_experiment.summarize(runs)
     summary["runtime_seconds"] = time.perf_counter() - start
     summary["jobs"] = args.jobs
-    capfilt.write_report(out, runs, summary)
-    print("\n" + capfilt.format_table(summary) + "\n\n" + capfilt.format_difference_table(summary)
-          + "\n\n" + capfilt.format_filter_table(summary))
+    capfilt_experiment.write_report(out, runs, summary)
+    print("\n" + capfilt_experiment.format_capfilt_table(summary) + "\n\n"
+          + capfilt_experiment.format_difference_table(summary) + "\n\n"
+          + capfilt_experiment.format_filter_table(summary))
     print(f"\n{summary['runtime_seconds']:.0f} s; wrote {out}/metrics.json, table.md, "
           f"texts.jsonl and plots")
     return 0
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_retrieve)
 
-    from .capfilt import CapFiltConfig, default_jobs
+    from .capfilt import CapFiltConfig
+    from .capfilt_experiment import default_jobs
     d = CapFiltConfig()
     p = sub.add_parser("capfilt", help="bootstrap a clean dataset from noisy web captions "
                                        "(CapFilt) and measure whether it helps",

@@ -48,8 +48,8 @@ from .captions import (COLOUR_WORDS, FILLER_CAPTIONS, MAX_CAPTION_WORDS, OBJECT_
                        SINGLE_TEMPLATES, SIZE_WORDS, TRIPLE_TEMPLATES, canonical_caption, describe,
                        vocabulary)
 from .scenes import (BACKGROUNDS, COL_NAMES, COLOURS, GRID, MAX_OBJECTS, MIN_IMAGE_SIZE, ROW_NAMES,
-                     SHAPES, SIZES, Object, Scene, cell_bounds, object_box, object_side, render,
-                     render_pil, shape_mask)
+                     SHAPES, SIZES, Object, Scene, cell_bounds, check_choice, check_image_size,
+                     check_int, object_box, object_side, render, render_pil, shape_mask)
 from .scoring import caption_is_true, parse_caption, score_caption
 from .splits import (HELD_OUT_COMBOS, NOISE_KINDS, NoisySplit, Split, WorldDataset, count_scenes,
                      make_dataset, make_noisy)
