@@ -1,7 +1,8 @@
 """Writing files atomically: a reader sees the old file or the new one, never half of one.
 
-Every file minblip writes (checkpoints, safetensors, tokenizers, report JSON and
-figures, the world's PNGs and captions) goes through :func:`write_atomic`:
+The package's writers (checkpoints, safetensors, configurations and
+vocabularies, tokenizers, report JSON, JSON lines and figures, the world's PNGs
+and captions) all go through :func:`write_atomic`:
 
 1. the bytes go to a temporary file ``.<name>.<16 hex digits>.tmp`` in the
    folder of the target, so the final rename stays within one file system;
@@ -27,10 +28,6 @@ from typing import Callable
 _TEMP_HEX_DIGITS = 16
 
 
-def _temporary_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp"
-
-
 def write_atomic(path, write: Callable, *, binary: bool = True) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it over ``path``.
 
@@ -42,13 +39,14 @@ def write_atomic(path, write: Callable, *, binary: bool = True) -> None:
     if not callable(write):
         raise TypeError(f"write must be a callable taking an open file, got {type(write).__name__}")
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    temporary = os.path.join(folder, _temporary_name(name))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")
     # 0o666 leaves the permissions to the umask, as for any new file; O_EXCL
     # never reuses another writer's temporary file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     handle = os.open(temporary, flags, 0o666)
     try:
-        with (open(handle, "wb") if binary else open(handle, "w", encoding="utf-8")) as file:
+        mode, encoding = ("wb", None) if binary else ("w", "utf-8")
+        with open(handle, mode, encoding=encoding) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -59,7 +57,7 @@ def write_atomic(path, write: Callable, *, binary: bool = True) -> None:
         except FileNotFoundError:
             pass
         raise
-    if os.name == "posix":
+    if os.name == "posix":  # the rename itself is on disk too; Windows cannot fsync a folder
         folder_handle = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(folder_handle)
