@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import common
@@ -83,13 +81,6 @@ def replace_between_markers(text: str, table: str, where: str) -> str:
     return f"{head}{BEGIN}\n{table}\n{END}{tail}"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def update_readme(results_path: Path, readme_path: Path, check: bool = False) -> bool:
     """Rewrite the table (or, with ``check``, compare). True if the README is current."""
     results = json.loads(results_path.read_text())
@@ -97,7 +88,9 @@ def update_readme(results_path: Path, readme_path: Path, check: bool = False) ->
     new = replace_between_markers(old, render(results), str(readme_path))
     if check or new == old:
         return new == old
-    write_atomically(readme_path, new)
+    common.use_repo()  # minblip from this checkout, imported only to write
+    from minblip.files import write_text_atomic
+    write_text_atomic(readme_path, new)
     return True
 
 

@@ -100,8 +100,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import report
     from .evaluate import evaluate_split
+    from .files import write_json_atomic
     from .train import build_dataset, load_model
     model, tok, cfg = load_model(args.checkpoint)
     data = build_dataset(cfg)
@@ -110,7 +110,7 @@ def cmd_eval(args) -> int:
     for key, value in metrics.items():
         print(f"{key:<36} {value:.4f}" if isinstance(value, float) else f"{key:<36} {value}")
     if args.out:
-        report.write_json(args.out, metrics)
+        write_json_atomic(args.out, metrics)
     return 0
 
 
@@ -167,7 +167,7 @@ def cmd_retrieve(args) -> int:
 
 
 def cmd_capfilt(args) -> int:
-    from . import capfilt
+    from . import capfilt, capfilt_experiment
     cfg = capfilt.CapFiltConfig(
         noise=args.noise, threshold=args.threshold, n_clean=args.n_clean, n_web=args.n_web,
         n_test=args.n_test, width=args.width, depth=args.depth, batch_size=args.batch_size,
@@ -178,13 +178,14 @@ def cmd_capfilt(args) -> int:
           f"+ {cfg.n_web} web images, {steps} optimiser steps in {args.jobs} process(es); "
           f"report in {out}/")
     start = time.perf_counter()
-    runs = capfilt.run_seeds(cfg, args.seeds, jobs=args.jobs, progress=not args.quiet)
-    summary = capfilt.summarize(runs)
+    runs = capfilt_experiment.run_seeds(cfg, args.seeds, jobs=args.jobs, progress=not args.quiet)
+    summary = capfilt_experiment.summarize(runs)
     summary["runtime_seconds"] = time.perf_counter() - start
     summary["jobs"] = args.jobs
-    capfilt.write_report(out, runs, summary)
-    print("\n" + capfilt.format_table(summary) + "\n\n" + capfilt.format_difference_table(summary)
-          + "\n\n" + capfilt.format_filter_table(summary))
+    capfilt_experiment.write_report(out, runs, summary)
+    print("\n" + capfilt_experiment.format_capfilt_table(summary) + "\n\n"
+          + capfilt_experiment.format_difference_table(summary) + "\n\n"
+          + capfilt_experiment.format_filter_table(summary))
     print(f"\n{summary['runtime_seconds']:.0f} s; wrote {out}/metrics.json, table.md, "
           f"texts.jsonl and plots")
     return 0
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_retrieve)
 
-    from .capfilt import CapFiltConfig, default_jobs
+    from .capfilt import CapFiltConfig
+    from .capfilt_experiment import default_jobs
     d = CapFiltConfig()
     p = sub.add_parser("capfilt", help="bootstrap a clean dataset from noisy web captions "
                                        "(CapFilt) and measure whether it helps",

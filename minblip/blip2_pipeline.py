@@ -39,7 +39,6 @@ scene), ``answers.jsonl`` (every zero-shot question with the answers given),
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 from . import report, world
 from .blip2_stage2 import build_stage2
 from .evaluate_blip2 import evaluate_stage2_captions, stage1_retrieval_metrics, zero_shot_qa
+from .files import write_json_atomic, write_jsonl_atomic
 from .image import preprocess
 from .lm import LanguageModel, LMConfig
 from .qformer import QFormerConfig
@@ -320,19 +320,16 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
                    stage2_final_loss=float(np.mean(stage2_losses[-50:])))
     metrics.update({f"{part}_seconds": s for part, s in seconds.items()})
 
-    with open(out / "captions.jsonl", "w") as f:
-        for scene, truth, caption in zip(data.test.scenes, data.test.captions, captions):
-            f.write(json.dumps({"generated": caption, "truth": truth,
-                                "scene": scene.to_dict()}) + "\n")
-    with open(out / "answers.jsonl", "w") as f:
-        for item in qa["items"]:
-            f.write(json.dumps(item) + "\n")
+    records = [{"generated": caption, "truth": truth, "scene": scene.to_dict()}
+               for scene, truth, caption in zip(data.test.scenes, data.test.captions, captions)]
+    write_jsonl_atomic(out / "captions.jsonl", records)
+    write_jsonl_atomic(out / "answers.jsonl", qa["items"])
     plot_blip2_losses(vision.history, trainer.history, lm_losses, stage2_losses,
                       out / "loss_curves.png")
     report.plot_captions(data.test.images, captions, data.test.captions, out / "captions.png")
     metrics["total_seconds"] = time.perf_counter() - wall0
     metrics["cpu_seconds"] = time.process_time() - cpu0
-    report.write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
@@ -364,7 +361,7 @@ def _curve(ax, values, label: str) -> None:
 def plot_blip2_losses(vision_history, stage1_history, lm_losses, stage2_losses, path) -> None:
     """Three panels: the pretraining of the parts that will be frozen (the ITC-only
     BLIP, if one was trained here, and the LM), stage 1's three losses, stage 2's loss."""
-    fig, axes = report._figure(1, 3, figsize=(15, 4))
+    fig, axes = report.new_figure(1, 3, figsize=(15, 4))
     if vision_history is not None:
         _curve(axes[0], vision_history["itc"], "BLIP ITC (its ViT: frozen after)")
     _curve(axes[0], lm_losses, "LM next-word CE (frozen after)")
@@ -379,7 +376,7 @@ def plot_blip2_losses(vision_history, stage1_history, lm_losses, stage2_losses, 
         ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (moving average over 25 steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report.save_figure(fig, path)
 
 
 def format_blip2_table(metrics: dict) -> str:

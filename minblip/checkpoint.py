@@ -15,9 +15,10 @@ Layout of the archive (every entry a plain NumPy array; nothing is pickled):
 A tied Param appears once, under the first name ``named_params`` gives it, and
 loading writes into the existing Param objects, so ties survive a round trip.
 
-Saving is atomic: the archive is written to a temporary file in the same
-folder, flushed to disk, then renamed over ``path`` with ``os.replace``. A crash
-at any point leaves either the old checkpoint or the new one, never a torn file.
+Saving is atomic (:func:`minblip.files.write_atomic`): the archive is written to
+a temporary file in the same folder, flushed to disk, then renamed over ``path``.
+A crash at any point leaves either the old checkpoint or the new one, never a
+torn file.
 Loading checks everything (format, version, configuration, names, shapes,
 optimiser state) before it changes anything.
 """
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zipfile
 
 import numpy as np
 
 from .core import Module
+from .files import write_atomic
 from .optim import AdamW
 
 FORMAT_MARKER = "minblip-checkpoint"
@@ -103,30 +104,7 @@ def save_checkpoint(path, model: Module, config: dict, step: int,
         for key, value in optimizer.state_dict().items():
             arrays[_OPTIM + key] = value
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    # same folder as the target, so os.replace is a rename within one file system;
-    # os.open with 0o666 (not tempfile.mkstemp's 0o600) gives the usual umask permissions
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomic(path, lambda file: np.savez(file, **arrays))
 
 
 def _read_archive(path: str) -> dict[str, np.ndarray]:

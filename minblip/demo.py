@@ -7,12 +7,12 @@ pair never seen in training), and a report folder of plots and metrics.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from . import report
 from .evaluate import evaluate_split, retrieval_scores
+from .files import write_json_atomic, write_jsonl_atomic
 from .image import denormalize, preprocess
 from .train import Trainer
 
@@ -34,12 +34,11 @@ def write_demo_report(trainer: Trainer, out) -> dict:
     metrics["steps"] = trainer.step
     metrics["parameters"] = model.param_count()
     metrics["config"] = cfg.to_dict()
-    report.write_json(out / "metrics.json", metrics)
-    with open(out / "captions.jsonl", "w") as f:
-        for split, caps in ((data.test, captions), (data.compositional, comp_captions)):
-            for scene, truth, gen in zip(split.scenes, split.captions, caps):
-                f.write(json.dumps({"split": split.name, "generated": gen, "truth": truth,
-                                    "scene": scene.to_dict()}) + "\n")
+    write_json_atomic(out / "metrics.json", metrics)
+    records = [{"split": split.name, "generated": gen, "truth": truth, "scene": scene.to_dict()}
+               for split, caps in ((data.test, captions), (data.compositional, comp_captions))
+               for scene, truth, gen in zip(split.scenes, split.captions, caps)]
+    write_jsonl_atomic(out / "captions.jsonl", records)
 
     pixels = preprocess(data.test.images, cfg.image_size)
     images = denormalize(pixels)

@@ -82,7 +82,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -90,6 +89,7 @@ from typing import Callable
 import numpy as np
 
 from .blip import BLIP, BLIPConfig
+from .files import write_atomic, write_json_atomic, write_text_atomic
 from .text import TextConfig
 from .vit import ViTConfig
 
@@ -237,24 +237,14 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % _HEADER_ALIGN)  # pad so the data starts 8-byte aligned
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".safetensors-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, a, _ in entries:
-                f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes the file private (0600); give it the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(file):
+        file.write(struct.pack("<Q", len(raw)))
+        file.write(raw)
+        for _, a, _ in entries:
+            file.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------------------------
@@ -862,13 +852,13 @@ def save_blip(model: BLIP, directory, kind: str | None = None, *, tokenizer=None
     d.mkdir(parents=True, exist_ok=True)
     write_safetensors(d / "model.safetensors", hf_state_dict(model, kind),
                       metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(d / "config.json", config)
     if tokenizer is not None:
         tokens = tokenizer.tokens
         if len(tokens) != V:
             raise ValueError(f"save_blip: the tokenizer has {len(tokens)} tokens, the model's "
                              f"vocabulary {V}")
-        (d / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+        write_text_atomic(d / "vocab.txt", "".join(t + "\n" for t in tokens))
 
 
 def caption_token_ids(model: BLIP, prompt_ids=None):

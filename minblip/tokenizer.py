@@ -25,9 +25,10 @@ import json
 import os
 import re
 import string
-import tempfile
 
 import numpy as np
+
+from .files import write_text_atomic
 
 _FORMAT = "minblip-tokenizer"
 _VERSION = 1
@@ -200,22 +201,11 @@ class Tokenizer:
     # -- files -----------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write the vocabulary as JSON. The file is written to a temporary file in
-        the same folder and renamed over ``path``, so a crash never leaves half a file."""
-        path = os.fspath(path)
+        """Write the vocabulary as JSON to ``path``, atomically (a crash never leaves
+        half a file)."""
         data = {"format": _FORMAT, "version": _VERSION,
                 "special_tokens": list(self.SPECIAL_TOKENS), "words": self.words}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

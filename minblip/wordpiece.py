@@ -36,6 +36,7 @@ import unicodedata
 
 import numpy as np
 
+from .files import write_text_atomic
 from .tokenizer import encode_texts
 
 MAX_CHARS_PER_WORD = 100  # BERT's max_input_chars_per_word
@@ -175,9 +176,8 @@ class WordPieceTokenizer:
             raise ValueError(f"vocabulary file {path!r}: {e}") from None
 
     def save(self, path) -> None:
-        """Write the vocabulary as ``vocab.txt`` (BLIP's two tokens included)."""
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            f.writelines(t + "\n" for t in self._tokens)
+        """Write the vocabulary as ``vocab.txt`` (BLIP's two tokens included), atomically."""
+        write_text_atomic(path, "".join(t + "\n" for t in self._tokens))
 
     # -- the vocabulary ------------------------------------------------------
 

@@ -77,7 +77,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
-from minblip import capfilt, world
+from minblip import capfilt, capfilt_experiment, world
 from minblip.evaluate import caption_images, caption_metrics
 from minblip.image import preprocess
 from minblip.softmax import softmax
@@ -266,7 +266,7 @@ run = capfilt.CapFiltRun(
     p_synthetic=p_syn, keep_web=keep_web, keep_synthetic=keep_syn, filter_web=q_web,
     filter_synthetic=q_syn,
     text_accuracy=capfilt.text_accuracy(web.scenes, web.captions, synthetic, keep_web, keep_syn))
-display(capfilt.plot_match_histograms(run))
+display(capfilt_experiment.plot_match_histograms(run))
 
 # %% [markdown]
 # ### The threshold curve
@@ -277,7 +277,7 @@ display(capfilt.plot_match_histograms(run))
 # text scores below a random clean one.
 
 # %%
-display(capfilt.plot_threshold_curves([run]))
+display(capfilt_experiment.plot_threshold_curves([run]))
 curve = capfilt.threshold_curve(p_web, web.is_noisy, [0.1, 0.3, 0.5, 0.7, 0.9])
 for t, pr, rc, fp in zip(curve["thresholds"], curve["precision"], curve["recall"],
                          curve["false_positive_rate"]):
@@ -291,7 +291,8 @@ for t, pr, rc, fp in zip(curve["thresholds"], curve["precision"], curve["recall"
 # whether the synthetic text is true.
 
 # %%
-display(capfilt.plot_examples(run, capfilt.pick_examples(run, per_group=1)))
+shown = capfilt_experiment.pick_examples(run, per_group=1)
+display(capfilt_experiment.plot_examples(run, shown))
 
 # %% [markdown]
 # ## 7. The bootstrapped set
@@ -344,22 +345,22 @@ for name, m in (("no CapFilt (clean + raw web)", baseline),
 # %% [markdown]
 # ## 9. The full experiment: BLIP's Table 1, measured
 #
-# `python -m minblip capfilt` runs the whole pipeline per seed with the default
-# `CapFiltConfig` (300 clean + 1500 web images, 1000 pretraining and 300 fine-tuning
-# steps, width 32, two layers) and pretrains a fresh model for each row of Table 1:
-# filter only (clean + kept web), captioner only (clean + web + synthetic,
-# unfiltered), both. Its summary for three seeds at 50% web noise is committed in
-# `docs/capfilt_results.json` (written by that command; `docs/capfilt_results.md`
-# discusses it). We read it here rather than retrain.
+# `python -m minblip capfilt` (`minblip/capfilt_experiment.py`) runs the whole
+# pipeline per seed with the default `CapFiltConfig` (300 clean + 1500 web images, 1000
+# pretraining and 300 fine-tuning steps, width 32, two layers) and pretrains a fresh
+# model for each row of Table 1: filter only (clean + kept web), captioner only (clean
+# + web + synthetic, unfiltered), both. Its summary for three seeds at 50% web noise is
+# committed in `docs/capfilt_results.json` (written by that command;
+# `docs/capfilt_results.md` discusses it). We read it here rather than retrain.
 
 # %%
 summary = json.loads(Path("../docs/capfilt_results.json").read_text())
-print(capfilt.format_table(summary))
+print(capfilt_experiment.format_capfilt_table(summary))
 print()
-print(capfilt.format_difference_table(summary))
+print(capfilt_experiment.format_difference_table(summary))
 print()
-print(capfilt.format_filter_table(summary))
-display(capfilt.plot_table(summary))
+print(capfilt_experiment.format_filter_table(summary))
+display(capfilt_experiment.plot_table(summary))
 
 # %% [markdown]
 # How to read it, with the numbers above:

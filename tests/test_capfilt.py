@@ -1,11 +1,11 @@
-"""CapFilt: the filter's bookkeeping on hand-made numbers, and the whole
-pipeline end to end on a tiny setting."""
+"""CapFilt (minblip.capfilt and minblip.capfilt_experiment): the filter's bookkeeping on
+hand-made numbers, and the whole pipeline end to end on a tiny setting."""
 import json
 
 import numpy as np
 import pytest
 
-from minblip import capfilt
+from minblip import capfilt, capfilt_experiment
 from minblip.__main__ import main
 from minblip.capfilt import (CapFiltConfig, bootstrap_captions, filter_quality, keep_mask,
                              threshold_curve)
@@ -16,7 +16,7 @@ TINY = dict(n_clean=16, clean_captions_per_image=2, n_web=24, n_test=8, width=16
 
 @pytest.fixture(scope="module")
 def tiny_runs():
-    return capfilt.run_seeds(CapFiltConfig(**TINY), [0, 1], progress=False)
+    return capfilt_experiment.run_seeds(CapFiltConfig(**TINY), [0, 1], progress=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,8 +179,8 @@ def test_captioner_filter_and_pretrained_model_share_no_parameter(tiny_runs):
 
 
 def test_the_report_holds_every_metric(tiny_runs, tmp_path):
-    summary = capfilt.summarize(tiny_runs)
-    capfilt.write_report(tmp_path, tiny_runs, summary)
+    summary = capfilt_experiment.summarize(tiny_runs)
+    capfilt_experiment.write_report(tmp_path, tiny_runs, summary)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["seeds"] == [0, 1]
     for key in ("filter_precision", "filter_recall"):
@@ -228,7 +228,7 @@ def test_the_command_line_writes_the_report(tmp_path, capsys):
 
 
 def test_worker_processes_give_the_same_numbers(tiny_runs):
-    parallel = capfilt.run_seeds(CapFiltConfig(**TINY), [0, 1], jobs=2, progress=False)
+    parallel = capfilt_experiment.run_seeds(CapFiltConfig(**TINY), [0, 1], jobs=2, progress=False)
     for a, b in zip(tiny_runs, parallel):
         assert a.synthetic == b.synthetic
         np.testing.assert_array_equal(a.p_web, b.p_web)
