@@ -53,7 +53,8 @@
 # *before* fusing them, and BLIP (Li et al. 2022, section 3.2) keeps ALBEF's recipe,
 # momentum distillation included (section 6 below). In salesforce/BLIP the loss is
 # `loss_ita` in `models/blip_pretrain.py` `BLIP_Pretrain.forward`; in minblip it is
-# `itc_forward` / `itc_backward` in `minblip/blip.py`.
+# `itc_forward` / `itc_backward` in `minblip/objectives.py`, next to the other training
+# objectives.
 
 # %%
 import inspect
@@ -64,18 +65,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minblip import Param, gradcheck
-from minblip.blip import BLIP, MomentumDistillation, itc_backward, itc_forward
+from minblip.blip import BLIP, MomentumDistillation
 from minblip.image import preprocess
+from minblip.objectives import itc_backward, itc_forward
 from minblip.softmax import L2Normalize, softmax
-from minblip.train import Trainer, TrainConfig
+from minblip.train import TrainConfig, blip_trainer
 
 np.set_printoptions(precision=3, suppress=True)
 
 # %% [markdown]
 # ## 2. The forward, step by step
 #
-# We build a small model on the built-in world (`Trainer` makes the dataset, the
-# tokenizer and the model from one `TrainConfig`). It is smaller than the default demo
+# We build a small model on the built-in world (`blip_trainer` builds the dataset, the
+# tokenizer and the model from one `TrainConfig`, and the training loop around them). It is smaller than the default demo
 # model — one layer of width 32 on each side — so that section 7 can train it in
 # seconds; section 5 explains the larger `init_std`.
 
@@ -83,9 +85,9 @@ np.set_printoptions(precision=3, suppress=True)
 cfg = TrainConfig(n_train=1000, n_val=64, n_test=0, width=32, depth=1, heads=2,
                   init_std=0.1, steps=300, batch_size=32, lr=3e-3, warmup_steps=20,
                   loss_weights=(1.0, 0.0, 0.0))  # ITC only
-trainer = Trainer(cfg)
-model, tok = trainer.model, trainer.tokenizer
-val = trainer.dataset.val
+trainer = blip_trainer(cfg)
+model, tok = trainer.model, trainer.task.tokenizer
+val = trainer.task.dataset.val
 show = np.arange(8)  # eight images the model never trains on, with their captions
 images = preprocess(val.images[show], cfg.image_size)
 ids, mask = tok.encode([val.captions[i] for i in show], max_length=cfg.max_text_len)
@@ -216,7 +218,9 @@ model.temp.data[...] = saved
 # ## 4. The backward code
 #
 # `itc_backward` is the forward read bottom-up; the banks of section 6 change only which
-# matrix the second factor of each product is:
+# matrix the second factor of each product is. (The `if temp.trainable` guard is minblip's
+# freezing rule: a frozen Param receives no gradient. Notebooks 10 and 11 freeze whole
+# models.)
 
 # %%
 print(inspect.getsource(itc_backward))
@@ -459,8 +463,8 @@ for ax, (name, mat) in zip(axes, (("before training", before), ("after 300 ITC s
     ax.set_xticks(range(B))
     ax.set_yticks(range(B))
 bottom.colorbar(im, ax=axes[:2], shrink=0.85, label="cosine similarity (same scale in both)")
-steps = np.array(history.step)
-itc = np.array(history.itc)
+steps = np.array(history["step"])
+itc = np.array(history["itc"])
 axes[2].plot(steps, itc, lw=0.6, color="0.7", label="ITC loss per step")
 axes[2].plot(steps[19:], np.convolve(itc, np.ones(20) / 20, mode="valid"), color="C0",
              label="mean of 20 steps")
@@ -528,7 +532,8 @@ for i in show:
 #
 # ### Exercise 5.1 · The ITC loss and its backward
 #
-# **Goal.** Write the bodies of `itc_forward` and `itc_backward` in `minblip/blip.py`.
+# **Goal.** Write the bodies of `itc_forward` and `itc_backward` in
+# `minblip/objectives.py`.
 #
 # **Hints.** Forward: the logits are `image_feat @ text_all.T / t` and
 # `text_feat @ image_all.T / t` (with no banks, `text_all` is `text_feat` itself); the

@@ -47,8 +47,8 @@
 # and for each image a negative text likewise. The loss is the mean cross-entropy over
 # $B$ positives and $2B$ negatives. In salesforce/BLIP this is `loss_itm` in
 # `models/blip_pretrain.py` `BLIP_Pretrain.forward`; in minblip it is the ITM block of
-# `pretrain_step`, with `hard_negative_weights` and `sample_hard_negatives` in
-# `minblip/blip.py`.
+# `pretrain_step` and `sample_hard_negatives` in `minblip/blip.py`, with the sampling
+# weights `hard_negative_weights` in `minblip/objectives.py`.
 
 # %%
 import inspect
@@ -60,13 +60,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minblip import Param, gradcheck, world
-from minblip.blip import (BLIP, BLIPConfig, hard_negative_weights, pretrain_step,
-                          sample_hard_negatives)
+from minblip.blip import BLIP, BLIPConfig, pretrain_step, sample_hard_negatives
 from minblip.image import preprocess
+from minblip.objectives import draw_rows, hard_negative_weights
 from minblip.softmax import softmax
 from minblip.text import TextConfig
 from minblip.tokenizer import Tokenizer
-from minblip.train import Trainer, TrainConfig
+from minblip.train import TrainConfig, blip_trainer
 from minblip.vit import ViTConfig
 
 np.set_printoptions(precision=3, suppress=True)
@@ -81,9 +81,9 @@ np.set_printoptions(precision=3, suppress=True)
 cfg = TrainConfig(n_train=1000, n_val=64, n_test=0, width=32, depth=1, heads=2,
                   init_std=0.1, steps=300, batch_size=32, lr=3e-3, warmup_steps=20,
                   loss_weights=(1.0, 0.0, 0.0))  # section 8 trains ITC only, see there
-trainer = Trainer(cfg)
-model, tok = trainer.model, trainer.tokenizer
-val = trainer.dataset.val
+trainer = blip_trainer(cfg)
+model, tok = trainer.model, trainer.task.tokenizer
+val = trainer.task.dataset.val
 few = np.arange(4)
 images = preprocess(val.images[few], cfg.image_size)
 captions = [val.captions[i] for i in few]
@@ -124,7 +124,8 @@ print("p(match) of the four true pairs, untrained:", softmax(logits)[:, 1])
 # is zeroed **after** the softmax; $10^{-4}$ keeps every other image possible. BLIP-2
 # (`blip2_qformer.py`) instead writes $-10000$ on the diagonal **before** the softmax,
 # which renormalises the probability over the negatives alone. minblip implements
-# BLIP's version as `hard_negative_weights`; BLIP-2's is one line:
+# BLIP's version as `hard_negative_weights` (BLIP-2's, `blip2_negative_weights`, sits
+# next to it in `minblip/objectives.py`); here BLIP-2's is one line:
 
 # %%
 print(inspect.getsource(hard_negative_weights))
@@ -178,10 +179,13 @@ plt.show()
 #
 # `torch.multinomial(weights[b], 1)` draws one index per row, in proportion to the
 # (unnormalised) weights. minblip draws by inverting the cumulative sum with a
-# `np.random.Generator` that the caller passes in:
+# `np.random.Generator` that the caller passes in. `sample_hard_negatives` builds BLIP's
+# two weight matrices and hands them to the sampler BLIP-2 shares, which draws a row at
+# a time with `draw_rows`:
 
 # %%
 print(inspect.getsource(sample_hard_negatives))
+print(inspect.getsource(draw_rows))
 
 # %% [markdown]
 # The same generator state gives the same negatives, and the frequencies follow the
@@ -380,7 +384,7 @@ print(f"largest relative error: {worst.name}, on a gradient of {worst.worst_valu
 t0 = time.perf_counter()
 trainer.run(progress=False)
 print(f"{cfg.steps} ITC steps in {time.perf_counter() - t0:.1f} s, final loss "
-      f"{np.mean(trainer.history.itc[-20:]):.3f} (log 32 = {math.log(32):.3f}), "
+      f"{np.mean(trainer.history['itc'][-20:]):.3f} (log 32 = {math.log(32):.3f}), "
       f"temperature {float(model.temp.data):.4f}")
 
 # %% [markdown]
@@ -613,9 +617,9 @@ for k, j in enumerate(np.concatenate([[b], hard])):
 #
 # ### Exercise 6.1 · Hard-negative mining and the `np.add.at` gather
 #
-# **Goal.** Write the body of `hard_negative_weights` and the one line of `pretrain_step`
-# that sends the negatives' image gradient back to `d_image_embeds` (both in
-# `minblip/blip.py`).
+# **Goal.** Write the body of `hard_negative_weights` (in `minblip/objectives.py`) and the
+# one line of `pretrain_step` (in `minblip/blip.py`) that sends the negatives' image
+# gradient back to `d_image_embeds`.
 #
 # **Hints.** The weights of section 3: a softmax over each row of the in-batch
 # similarities (the first $B$ columns, in float64), plus $10^{-4}$, and *then* the diagonal

@@ -68,10 +68,11 @@ from minblip import Param, gradcheck
 from minblip.blip import BLIP, BLIPConfig, pretrain_step
 from minblip.generation import apply_repetition_penalty, generate, top_p_filter
 from minblip.image import preprocess
+from minblip.objectives import NextTokenLoss
 from minblip.softmax import CrossEntropyLoss, log_softmax, softmax
 from minblip.text import TextConfig
 from minblip.tokenizer import Tokenizer
-from minblip.train import TrainConfig, Trainer, build_tokenizer
+from minblip.train import TrainConfig, blip_trainer, build_tokenizer
 from minblip.vit import ViTConfig
 from minblip import world
 
@@ -252,15 +253,23 @@ q_row[0] += 0.9
 print(f"loss floor H(q) for V={V}                   : {-(q_row * np.log(q_row)).sum():.3f}")
 
 # %% [markdown]
-# In `pretrain_step` the LM part of the backward is four lines: the cross-entropy
-# backward placed into all but the last position, then the decoder's backward, which
-# returns the gradient of the image tokens. It runs *first* in the mirrored backward,
-# because the decoder was the last consumer of the image tokens in the forward:
+# In `pretrain_step` the LM part of the backward is two lines: the backward of the
+# next-token loss, then the decoder's backward, which returns the gradient of the image
+# tokens. It runs *first* in the mirrored backward, because the decoder was the last
+# consumer of the image tokens in the forward:
 
 # %%
 src = inspect.getsource(pretrain_step).splitlines()
 start = next(i for i, line in enumerate(src) if "backward (the forward read" in line)
-print("\n".join(src[start:start + 6]))
+print("\n".join(src[start:start + 5]))
+
+# %% [markdown]
+# The next-token loss (`NextTokenLoss` in `minblip/objectives.py`, shared with BLIP-2)
+# holds the shift: its forward compares `logits[:, :-1]` with `labels[:, 1:]`, and its
+# backward places the cross-entropy's gradient into all but the last position:
+
+# %%
+print(inspect.getsource(NextTokenLoss.backward))
 
 # %% [markdown]
 # ## 5. Gradient check of the LM part of the step
@@ -330,8 +339,8 @@ print("max relative error over every check:", f"{report.max_rel_err:.1e}",
 # ## 6. A captioner in half a minute
 #
 # To decode something meaningful we train a small BLIP on the built-in world with
-# `minblip.train.Trainer`, only the LM objective (`loss_weights=(0, 0, 1)`), on scenes
-# of one object. The images are 30 pixels, cut into 10-pixel patches, so each patch is
+# `minblip.train.blip_trainer`, only the LM objective (`loss_weights=(0, 0, 1)`), on
+# scenes of one object. The images are 30 pixels, cut into 10-pixel patches, so each patch is
 # exactly one cell of the world's 3×3 grid. We measure the time.
 
 # %%
@@ -340,15 +349,16 @@ train_cfg = TrainConfig(seed=0, image_size=30, patch_size=10, max_objects=1, n_t
                         embed_dim=16, steps=1000, batch_size=32, lr=1e-2, warmup_steps=20,
                         loss_weights=(0, 0, 1))
 t0 = time.perf_counter()
-trainer = Trainer(train_cfg)
+trainer = blip_trainer(train_cfg)
 history = trainer.run(progress=False)
 train_seconds = time.perf_counter() - t0
-captioner, ctok = trainer.model, trainer.tokenizer
+captioner, ctok = trainer.model, trainer.task.tokenizer
 print(f"{train_cfg.steps} steps of batch {train_cfg.batch_size} in {train_seconds:.1f} s "
       f"({1e3 * train_seconds / train_cfg.steps:.0f} ms per step), "
       f"{captioner.param_count():,} parameters")
-print(f"LM loss: first 20 steps {np.mean(history.lm[:20]):.3f}, "
-      f"last 50 steps {np.mean(history.lm[-50:]):.3f}")
+lm_loss = history["lm"]
+print(f"LM loss: first 20 steps {np.mean(lm_loss[:20]):.3f}, "
+      f"last 50 steps {np.mean(lm_loss[-50:]):.3f}")
 
 # %% [markdown]
 # The loss cannot reach zero, even for a perfect captioner: label smoothing puts a
@@ -361,10 +371,10 @@ Vw = ctok.vocab_size
 q_row = np.full(Vw, 0.1 / Vw)
 q_row[0] += 0.9
 floor = -(q_row * np.log(q_row)).sum()
-smooth = np.convolve(history.lm, np.ones(20) / 20, mode="valid")
+smooth = np.convolve(lm_loss, np.ones(20) / 20, mode="valid")
 plt.figure(figsize=(7, 3.2))
-plt.plot(history.lm, color="0.75", lw=0.8, label="LM loss per step")
-plt.plot(np.arange(19, len(history.lm)), smooth, color="C0", label="20-step mean")
+plt.plot(lm_loss, color="0.75", lw=0.8, label="LM loss per step")
+plt.plot(np.arange(19, len(lm_loss)), smooth, color="C0", label="20-step mean")
 plt.axhline(floor, color="C3", ls="--", label=f"floor $H(q)$ = {floor:.2f} (V = {Vw})")
 plt.xlabel("step")
 plt.ylabel("label-smoothed LM loss")
@@ -398,7 +408,7 @@ plt.show()
 # `max_length = 20` allows 19 words, `min_length = 5` forbids `[SEP]` before the 4th.
 
 # %%
-val = trainer.dataset.val
+val = trainer.task.dataset.val
 val_pixels = preprocess(val.images, train_cfg.image_size)
 val_embeds, _ = captioner.encode_image(val_pixels)
 dec_prompt = np.array([ctok.dec_id])
