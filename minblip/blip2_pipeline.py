@@ -53,7 +53,7 @@ from .image import preprocess
 from .lm import LanguageModel, LMConfig
 from .qformer import QFormerConfig
 from .questions import QUESTION_KINDS, build_lm_tokenizer
-from .train import Trainer, build_dataset
+from .train import Trainer, build_dataset, config_from_dict
 from .train_blip2 import (LMPretrainConfig, LMPretraining, Stage1Config, Stage1Training,
                           Stage2Config, Stage2Training, pretrained_vision)
 
@@ -135,10 +135,7 @@ class Blip2RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Blip2RunConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown BLIP-2 run options {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d, "BLIP-2 run")
 
     def vision_overrides(self) -> dict:
         """``TrainConfig`` fields of the ITC-only BLIP that trains the frozen ViT."""

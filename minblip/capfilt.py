@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import numbers
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from . import world
 from .blip import BLIP
 from .evaluate import caption_images, caption_metrics, match_probability, retrieval_metrics
 from .image import preprocess
-from .train import Trainer, TrainConfig, blip_trainer, build_tokenizer
+from .train import Trainer, TrainConfig, blip_trainer, build_tokenizer, config_from_dict
 
 SETTINGS: tuple[str, ...] = ("no_capfilt", "filter_only", "captioner_only", "capfilt")
 SETTING_LABELS: dict[str, str] = {
@@ -136,11 +136,7 @@ class CapFiltConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CapFiltConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CapFilt options {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d, "CapFilt")
 
     def train_config(self, steps: int, lr: float, loss_weights, n_images: int) -> TrainConfig:
         """The TrainConfig of one training of this experiment (pretrain or fine-tune)."""

@@ -222,14 +222,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        for name in ("steps", "batch_size", "n_train", "width", "depth", "heads"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_run_fields(self, ("steps", "batch_size", "n_train", "width", "depth", "heads"),
+                         "TrainConfig")
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds n_train {self.n_train}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), "
-                             f"got {self.warmup_steps}")
         if len(self.loss_weights) != 3:
             raise ValueError(f"loss_weights needs three numbers (ITC, ITM, LM), "
                              f"got {self.loss_weights}")
@@ -255,6 +251,18 @@ class TrainConfig:
         return BLIPConfig(vision=vision, text=text, embed_dim=self.embed_dim,
                           sharing=self.sharing, label_smoothing=self.label_smoothing,
                           proj_init_std=self.init_std)
+
+
+def check_run_fields(cfg, positive_ints, what: str) -> None:
+    """The checks every run's config shares: the named fields are positive ints and
+    ``warmup_steps`` lies in [0, steps). A ValueError names the field and the value."""
+    for name in positive_ints:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{what}.{name}: expected a positive int, got {v!r}")
+    if not 0 <= cfg.warmup_steps < cfg.steps:
+        raise ValueError(f"{what}.warmup_steps must be in [0, steps={cfg.steps}), "
+                         f"got {cfg.warmup_steps}")
 
 
 def config_from_dict(cls, d: dict, what: str):

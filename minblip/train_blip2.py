@@ -32,18 +32,9 @@ from .lm import LanguageModel, lm_step
 from .qformer import QFormerConfig
 from .questions import TEXT_KINDS, encode_documents, lm_corpus
 from .tokenizer import Tokenizer
-from .train import TrainConfig, blip_trainer, build_tokenizer, config_from_dict, load_model
+from .train import (TrainConfig, blip_trainer, build_tokenizer, check_run_fields,
+                    config_from_dict, load_model)
 from .vit import ViTConfig, VisionTransformer
-
-
-def _check_positive_ints(cfg, names, what: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{what}.{name}: expected a positive int, got {v!r}")
-    if not 0 <= cfg.warmup_steps < cfg.steps:
-        raise ValueError(f"{what}.warmup_steps must be in [0, steps={cfg.steps}), "
-                         f"got {cfg.warmup_steps}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +118,7 @@ class LMPretrainConfig:
 
     def __post_init__(self):
         self.kinds, self.kind_weights = tuple(self.kinds), tuple(self.kind_weights)
-        _check_positive_ints(self, ("steps", "batch_size", "corpus_size", "max_length"),
+        check_run_fields(self, ("steps", "batch_size", "corpus_size", "max_length"),
                              "LMPretrainConfig")
         if self.batch_size > self.corpus_size:
             raise ValueError(f"LMPretrainConfig: batch_size {self.batch_size} exceeds "
@@ -225,7 +216,7 @@ class Stage1Config:
         if len(self.loss_weights) != 3:
             raise ValueError(f"loss_weights needs three numbers (ITC, ITM, ITG), "
                              f"got {self.loss_weights}")
-        _check_positive_ints(self, ("steps", "batch_size", "max_text_len"), "Stage1Config")
+        check_run_fields(self, ("steps", "batch_size", "max_text_len"), "Stage1Config")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -305,7 +296,7 @@ class Stage2Config:
     seed: int = 0
 
     def __post_init__(self):
-        _check_positive_ints(self, ("steps", "batch_size", "max_text_len"), "Stage2Config")
+        check_run_fields(self, ("steps", "batch_size", "max_text_len"), "Stage2Config")
 
     def to_dict(self) -> dict:
         return asdict(self)
