@@ -56,14 +56,16 @@ import numpy as np
 
 from minblip import Param, gradcheck
 from minblip import world
-from minblip.blip import hard_negative_weights
-from minblip.blip2 import (Blip2Config, Blip2Stage1, Stage1Config, Stage1Trainer,
-                           generate_captions, itc_max_backward, itc_max_forward,
-                           negative_weights, pretrained_vision, retrieval_metrics, stage1_step)
+from minblip.blip2_stage1 import Blip2Config, Blip2Stage1, stage1_step
 from minblip.evaluate import image_features, recall_at_k, text_features
+from minblip.evaluate_blip2 import stage1_captions, stage1_retrieval_metrics
 from minblip.image import preprocess
+from minblip.objectives import (blip2_negative_weights, hard_negative_weights,
+                                itc_max_backward, itc_max_forward)
 from minblip.qformer import QFormerConfig
 from minblip.tokenizer import Tokenizer
+from minblip.train import Trainer
+from minblip.train_blip2 import Stage1Config, Stage1Training, pretrained_vision
 from minblip.vit import ViTConfig
 
 np.set_printoptions(precision=3, suppress=True)
@@ -86,25 +88,35 @@ vision = pretrained_vision(dataset=data, steps=400, warmup_steps=20, width=32, d
                            heads=2, init_std=0.1, lr=3e-3, loss_weights=(1.0, 0.0, 0.0))
 vit = vision.encoder
 print(f"{vision.source}: {vision.seconds:.1f} s; ITC loss at the end "
-      f"{np.mean(vision.history.itc[-20:]):.3f} (log 32 = {np.log(32):.3f})")
+      f"{np.mean(vision.history['itc'][-20:]):.3f} (log 32 = {np.log(32):.3f})")
 print("frozen ViT:", vit.config)
 
 # %% [markdown]
 # ## 3. The stage-1 model: what trains, what does not
 #
-# `Blip2Stage1` holds the ViT in a small `Frozen` holder. `Module.params()` — and with it
-# `zero_grad`, the optimiser and the gradient clipper — walks only Modules, lists, tuples
-# and dicts, so it never finds the ViT's Params: they are never listed, never receive a
-# gradient, never move. Everything else trains: `ln_vision` (a LayerNorm, eps 1e-5, that
-# LAVIS puts after the frozen encoder and does *not* freeze), the Q-Former with its
-# queries, the two ITC projections, the ITM head, the ITG head (tied to the Q-Former's
-# word embeddings) and the temperature.
+# `Blip2Stage1` keeps the ViT itself as `model.visual_encoder` and freezes it in place:
+# `freeze()` marks each of its Params frozen (LAVIS sets `requires_grad=False`). A frozen
+# Param is left out of `params()` of every module that holds it — the ViT's own and its
+# parents' — and with `params()` go `zero_grad`, the optimiser and the gradient clipper:
+# the ViT's Params are never listed, never receive a gradient, never move. Only
+# `params(include_frozen=True)` still lists them, for casting, saving and counting.
+# Everything else trains: `ln_vision` (a LayerNorm, eps 1e-5, that LAVIS puts after the
+# frozen encoder and does *not* freeze), the Q-Former with its queries, the two ITC
+# projections, the ITM head, the ITG head (tied to the Q-Former's word embeddings) and
+# the temperature.
+#
+# The stage-1 task (`Stage1Training`) builds the model, the tokenizer and the frozen
+# features of the training images; `Trainer` is the training loop every minblip model
+# uses (notebook 14).
 
 # %%
 cfg = Stage1Config(init_std=0.1, steps=200, warmup_steps=20, lr=2e-3, batch_size=32)
-trainer = Stage1Trainer(cfg, vit, data)
-model, tok = trainer.model, trainer.tokenizer
-print(model.visual_encoder)
+trainer = Trainer(Stage1Training(cfg, vit, data))
+model, tok = trainer.model, trainer.task.tokenizer
+vit_params = vit.params(include_frozen=True)
+print(f"model.visual_encoder is the ViT: {model.visual_encoder is vit}; all "
+      f"{len(vit_params)} of its Params frozen: {vit.frozen}; listed by vit.params(): "
+      f"{len(vit.params())}")
 counts = model.parameter_counts()
 print(f"trainable {counts['trainable']:>9,d}\nfrozen    {counts['frozen']:>9,d}\n"
       f"total     {counts['total']:>9,d}   ({100 * counts['trainable'] / counts['total']:.0f}% "
@@ -114,7 +126,7 @@ for name, p in model.named_params():
     by_part[name.split(".")[0]] = by_part.get(name.split(".")[0], 0) + p.size
 print({k: f"{v:,}" for k, v in by_part.items()})
 print("a ViT Param among the trainable ones:",
-      any(p is q for p in vit.params() for q in model.params()))
+      any(p is q for p in vit_params for q in model.params()))
 
 # %% [markdown]
 # Here the Q-Former (width 64, two layers) is bigger than the small ViT it reads; in
@@ -191,8 +203,8 @@ print("\nwinning query of each (image, text) pair:\n", cache["best_query"])
 
 # %%
 sim = g.standard_normal((4, 4)) * 3
-print("BLIP-2 (minblip.blip2.negative_weights):\n", negative_weights(sim))
-print("BLIP (minblip.blip.hard_negative_weights):\n", hard_negative_weights(sim))
+print("BLIP-2 (blip2_negative_weights):\n", blip2_negative_weights(sim))
+print("BLIP (hard_negative_weights):\n", hard_negative_weights(sim))
 
 # %% [markdown]
 # ## 6. ITG: `[DEC]`, the UniLM mask and the tied head
@@ -217,7 +229,8 @@ print(src[src.index("    # ---------------- backward"):])
 # %% [markdown]
 # A gradient check of the whole step on a tiny model in float64: every trainable Param,
 # with fixed negatives in which image 0 is drawn twice. The frozen ViT is not in the
-# list — there is nothing to check, since it gets no gradient.
+# list (`gradcheck` checks `params()`) — there is nothing to check: its input is pixels,
+# so `stage1_step` never calls its backward and it gets no gradient.
 
 # %%
 words = "a red blue green circle square small large left right of the".split()
@@ -245,8 +258,8 @@ def step_loss(backward):
 r = gradcheck(step_loss, tiny_model, n_coords=3, rtol=1e-5)
 print(f"{len(r.rows)} trainable arrays checked, max rel error {r.max_rel_err:.1e}, "
       f"random direction {r.directional.max_rel_err:.1e}")
-print("ViT gradients all zero:", all(not p.grad.any()
-                                     for p in tiny_model.visual_encoder.module.params()))
+tiny_vit = tiny_model.visual_encoder.params(include_frozen=True)
+print("ViT gradients all zero:", all(not p.grad.any() for p in tiny_vit))
 
 # %% [markdown]
 # ## 8. Training
@@ -257,22 +270,22 @@ print("ViT gradients all zero:", all(not p.grad.any()
 # fingerprint of the frozen ViT to confirm afterwards that it never moved.
 
 # %%
-vit_before = np.concatenate([p.data.ravel() for p in vit.params()]).copy()
-history = trainer.run()
+vit_before = np.concatenate([p.data.ravel() for p in vit_params]).copy()
+history = trainer.run(progress=False)
 print(f"{cfg.steps} steps in {trainer.train_seconds:.1f} s "
       f"({1e3 * trainer.train_seconds / cfg.steps:.0f} ms per step)")
-vit_after = np.concatenate([p.data.ravel() for p in vit.params()])
+vit_after = np.concatenate([p.data.ravel() for p in vit_params])
 print("frozen ViT unchanged:", np.array_equal(vit_before, vit_after))
-print(f"temperature {model.cfg.temp} -> {history.temp[-1]:.4f}")
+print(f"temperature {model.cfg.temp} -> {history['temp'][-1]:.4f}")
 
 # %%
 fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
-steps = np.array(history.step)
+steps = np.array(history["step"])
 for ax, (name, ref, ref_label) in zip(axes, [
         ("itc", np.log(cfg.batch_size), f"log {cfg.batch_size}: no better than chance"),
         ("itm", -(np.log(1 / 3) / 3 + 2 * np.log(2 / 3) / 3), "always p(match) = 1/3"),
         ("itg", None, None)]):
-    y = np.array(getattr(history, name))
+    y = np.array(history[name])
     ax.plot(steps, y, color="0.75", lw=0.7)
     ax.plot(steps[9:], np.convolve(y, np.ones(10) / 10, mode="valid"), color="C0")
     if ref is not None:
@@ -280,7 +293,7 @@ for ax, (name, ref, ref_label) in zip(axes, [
         ax.legend(fontsize=8)
     ax.set_title(f"{name.upper()} loss")
     ax.set_xlabel("step")
-axes[3].plot(steps, history.temp)
+axes[3].plot(steps, history["temp"])
 axes[3].set_title("temperature (not clamped)")
 axes[3].set_xlabel("step")
 plt.tight_layout()
@@ -300,7 +313,8 @@ plt.show()
 
 # %%
 test_pixels = preprocess(data.test.images, vit.config.image_size)
-metrics = retrieval_metrics(model, tok, data.test.captions, images=test_pixels, k_test=10)
+metrics = stage1_retrieval_metrics(model, tok, data.test.captions, images=test_pixels,
+                                   k_test=10)
 _, blip_image = image_features(vision.blip, test_pixels)
 blip_ids, blip_mask = tok.encode(data.test.captions, max_length=vision.train_config.max_text_len)
 blip_sim = blip_image @ text_features(vision.blip, blip_ids, blip_mask).T
@@ -397,7 +411,7 @@ print(f"q{top} wins {pos_wins[top]:.0%} of the matched pairs and {all_wins[top]:
 # steps expect fluent sentences of the world's grammar with only partly right content:
 
 # %%
-for cap, truth in zip(generate_captions(model, tok, images=test_pixels[:4]),
+for cap, truth in zip(stage1_captions(model, tok, images=test_pixels[:4]),
                       data.test.captions[:4]):
     print(f"generated: {cap:55s} | true: {truth}")
 print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
@@ -407,8 +421,9 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 #
 # * Stage 1 trains the Q-Former (queries, shared self-attention, query-only
 #   cross-attention, two FFNs) plus `ln_vision`, projections, heads and temperature;
-#   the image encoder is held outside `params()`, gets no gradient and never moves (ours
-#   is small next to the part that trains; in BLIP-2 it is the other way round).
+#   the image encoder is frozen, so no `params()` lists it: it gets no gradient and never
+#   moves (ours is small next to the part that trains; in BLIP-2 it is the other way
+#   round).
 # * ITC compares $Q$ query vectors with one text vector and keeps the **maximum**; the
 #   gradient goes to the winning query only. Label smoothing 0.1, an unclamped
 #   temperature, in-batch negatives, no momentum encoder.
@@ -430,8 +445,8 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 # 2. **Mean instead of max.** Replace the maximum over queries by the mean in
 #    `itc_max_forward` and write its backward (every query now gets $\bar S/Q$). Check it
 #    with `gradcheck`, train, and compare recall and the query-win histogram.
-# 3. **BLIP's negatives.** Use `minblip.blip.hard_negative_weights` instead of
-#    `negative_weights` in a copy of `stage1_step`. Measure, for one trained model, how
+# 3. **BLIP's negatives.** Use `minblip.objectives.hard_negative_weights` instead of
+#    `blip2_negative_weights` in a copy of `sample_blip2_negatives` and `stage1_step`. Measure, for one trained model, how
 #    often each rule samples a caption that is *true* of the image
 #    (`minblip.world.caption_is_true`) — a false negative.
 # 4. **Where does ITG's gradient go?** Train with `loss_weights=(0, 0, 1)` for 100 steps
@@ -449,7 +464,7 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 # ### Exercise 10.1 · ITC with a maximum over the queries: the backward
 #
 # **Goal.** Write the body of `itc_max_backward(dloss, cache, temp)` in
-# `minblip/blip2.py`: from the cache of `itc_max_forward`, return the gradients of the
+# `minblip/objectives.py`: from the cache of `itc_max_forward`, return the gradients of the
 # image features $(B, Q, E)$ and the text features $(B, E)$, and add the temperature's
 # gradient into `temp.grad`.
 #
@@ -491,8 +506,9 @@ print(gradcheck(itc_check_loss, {"image_feats": v_check, "text_feat": t_check,
 #
 # **Hints.** `stage1_step` still needs the original `ids` for ITC and ITM: do not change
 # them (`.copy()`). Position $t$ predicts token $t+1$; padding is never a target, and the
-# last position has no next token. `stage1_step` does the shift by pairing
-# `logits[:, :-1]` with `labels[:, 1:]`; here you put it into the targets instead.
+# last position has no next token. `stage1_step`'s next-token loss (`NextTokenLoss`) does
+# the shift by pairing `logits[:, :-1]` with `labels[:, 1:]`; here you put it into the
+# targets instead.
 
 # %% nbgrader={"grade": false, "grade_id": "ex10_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def itg_inputs(ids, mask, dec_id):
