@@ -446,9 +446,9 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 #    `itc_max_forward` and write its backward (every query now gets $\bar S/Q$). Check it
 #    with `gradcheck`, train, and compare recall and the query-win histogram.
 # 3. **BLIP's negatives.** Use `minblip.objectives.hard_negative_weights` instead of
-#    `blip2_negative_weights` in a copy of `sample_blip2_negatives` and `stage1_step`. Measure, for one trained model, how
-#    often each rule samples a caption that is *true* of the image
-#    (`minblip.world.caption_is_true`) — a false negative.
+#    `blip2_negative_weights` in a copy of `sample_blip2_negatives` and `stage1_step`.
+#    Measure, for one trained model, how often each rule samples a caption that is
+#    *true* of the image (`minblip.world.caption_is_true`) — a false negative.
 # 4. **Where does ITG's gradient go?** Train with `loss_weights=(0, 0, 1)` for 100 steps
 #    and record the norm of `query_tokens.grad` and of the cross-attention gradients per
 #    step. Explain why they are not zero although the text never cross-attends.
