@@ -45,7 +45,10 @@
 #
 # minblip's `Trainer` (`minblip/train.py`) runs exactly this loop: sample a batch,
 # `pretrain_step` (ITC + ITM + LM and one backward, notebook 08), clip the gradient
-# norm, take an AdamW step. Two simplifications: the learning rate follows LAVIS's
+# norm, take an AdamW step. It is the one loop every model here trains with: what is
+# trained, and how, is a *task* (here `BlipPretraining`: the data, the model, the
+# batch and the step; BLIP-2's stages of notebooks 10 and 11 are others), and
+# `blip_trainer(cfg)` builds the loop around it. Two simplifications: the learning rate follows LAVIS's
 # per-step warmup + cosine (`linear_warmup_cosine_lr`) instead of BLIP's per-epoch
 # decay, and ITC is plain in-batch InfoNCE, without the momentum encoders and queues
 # of notebook 05, section 6.
@@ -70,7 +73,7 @@ from minblip.evaluate import (caption_images, caption_metrics, evaluate_split, i
 from minblip.image import preprocess
 from minblip.optim import clip_grad_norm, decay_mask
 from minblip.report import smooth
-from minblip.train import TrainConfig, Trainer, build_dataset
+from minblip.train import TrainConfig, blip_trainer, build_dataset
 
 np.set_printoptions(precision=3, suppress=True)
 notebook_start = time.perf_counter()
@@ -165,8 +168,8 @@ plt.show()
 # than the demo, because it has fewer steps to spend.
 
 # %%
-trainer = Trainer(cfg, dataset=data)
-model, tok = trainer.model, trainer.tokenizer
+trainer = blip_trainer(cfg, dataset=data)
+model, tok = trainer.model, trainer.task.tokenizer
 print(f"model: {model.param_count():,} parameters")
 
 lrs = [trainer.lr_at(s) for s in range(cfg.steps + 1)]
@@ -233,7 +236,7 @@ print("the optimiser's own flags agree with decay_mask:",
 
 # %%
 flat_cfg = dataclasses.replace(cfg, init_std=0.02)
-flat = Trainer(flat_cfg, dataset=data)
+flat = blip_trainer(flat_cfg, dataset=data)
 probe_pixels = preprocess(data.test.images[:64], cfg.image_size)
 probe_ids, probe_mask = tok.encode(data.test.captions[:64], max_length=cfg.max_text_len)
 
@@ -278,8 +281,8 @@ run_recording(flat, compare_steps, log_flat)
 run_recording(trainer, compare_steps, log)
 for t, lg in ((flat, log_flat), (trainer, log)):
     h = t.history
-    print(f"init_std {t.cfg.init_std}: steps 150-199 mean ITC {np.mean(h.itc[150:]):.3f}  "
-          f"ITM {np.mean(h.itm[150:]):.3f}  LM {np.mean(h.lm[150:]):.3f};  image spread at "
+    print(f"init_std {t.cfg.init_std}: steps 150-199 mean ITC {np.mean(h['itc'][150:]):.3f}  "
+          f"ITM {np.mean(h['itm'][150:]):.3f}  LM {np.mean(h['lm'][150:]):.3f};  image spread at "
           f"steps 0/60/200: {lg[0][2]:.4f} / {lg[6][2]:.4f} / {lg[-1][2]:.4f}   "
           f"({t.train_seconds:.1f} s)")
 print(f"log 32 = {math.log(32):.3f};  entropy of the ITM labels (1 match : 2 not) = "
@@ -289,8 +292,8 @@ print(f"log 32 = {math.log(32):.3f};  entropy of the ITM labels (1 match : 2 not
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
 for t, lg, colour in ((flat, log_flat, "tab:red"), (trainer, log, "tab:blue")):
     label = f"init_std {t.cfg.init_std}"
-    axes[0].plot(t.history.itc, color=colour, lw=1, label=label)
-    axes[1].plot(t.history.itm, color=colour, lw=1, label=label)
+    axes[0].plot(t.history["itc"], color=colour, lw=1, label=label)
+    axes[1].plot(t.history["itm"], color=colour, lw=1, label=label)
     s, tau, img, txt = zip(*lg)
     axes[2].plot(s, img, color=colour, marker=".", label=f"{label}, image")
     axes[2].plot(s, txt, color=colour, ls="--", label=f"{label}, text")
@@ -350,7 +353,7 @@ plt.show()
 #
 # Before each AdamW step, `clip_grad_norm(params, 1.0)` rescales *all* gradients
 # together when their joint L2 norm exceeds 1 (as `torch.nn.utils.clip_grad_norm_`),
-# so one bad batch cannot throw the model far. `history.grad_norm` records the norm
+# so one bad batch cannot throw the model far. `history["grad_norm"]` records the norm
 # before clipping; section 4 plots it. A two-line demonstration on the current model
 # (64 probe pairs, so not a training step):
 
@@ -377,19 +380,20 @@ history = trainer.history
 print(f"{trainer.step} steps of {cfg.batch_size} pairs: {trainer.train_seconds:.1f} s of "
       f"training ({1000 * trainer.train_seconds / trainer.step:.0f} ms per step)")
 for name in ("itc", "itm", "lm"):
-    v = getattr(history, name)
+    v = history[name]
     print(f"{name.upper():3s} first 25 steps {np.mean(v[:25]):.3f}   last 50 steps "
           f"{np.mean(v[-50:]):.3f}")
 print(f"temperature: start 0.07, highest {log_tau.max():.3f} (step {log_steps[log_tau.argmax()]}), "
       f"end {log_tau[-1]:.4f}")
-print(f"steps whose gradient was clipped: {np.mean(np.array(history.grad_norm) > cfg.grad_clip):.0%}")
+print(f"steps whose gradient was clipped: "
+      f"{np.mean(np.array(history['grad_norm']) > cfg.grad_clip):.0%}")
 
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(15, 6.4))
-steps = np.array(history.step)
+steps = np.array(history["step"])
 for ax, name, floor in zip(axes[0], ("itc", "itm", "lm"),
                            (math.log(32), math.log(3) - 2 / 3 * math.log(2), None)):
-    v = getattr(history, name)
+    v = history[name]
     ax.plot(steps, v, color="tab:blue", alpha=0.25, lw=0.8)
     s = smooth(v, 25)
     ax.plot(steps[24:], s, color="tab:blue", lw=1.8, label="mean of 25 steps")
@@ -400,11 +404,11 @@ for ax, name, floor in zip(axes[0], ("itc", "itm", "lm"),
 axes[0, 1].set_ylim(0.3, 0.8)
 axes[1, 0].plot(log_steps, log_tau, color="tab:purple")
 axes[1, 0].set_title("temperature τ", loc="left", fontsize=10)
-axes[1, 1].plot(steps, history.grad_norm, color="tab:orange", lw=0.8)
+axes[1, 1].plot(steps, history["grad_norm"], color="tab:orange", lw=0.8)
 axes[1, 1].axhline(cfg.grad_clip, color="k", ls=":", lw=1)
 axes[1, 1].set_yscale("log")
 axes[1, 1].set_title("gradient norm before clipping (dotted: the clip)", loc="left", fontsize=10)
-axes[1, 2].plot(steps, history.lr, color="tab:green")
+axes[1, 2].plot(steps, history["lr"], color="tab:green")
 axes[1, 2].set_title("learning rate", loc="left", fontsize=10)
 for ax in axes.ravel():
     ax.set_xlabel("step")
@@ -619,8 +623,8 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #
 # * BLIP pre-trains on $L_{\mathrm{itc}} + L_{\mathrm{itm}} + L_{\mathrm{lm}}$ with
 #   AdamW (weight decay 0.05, here on Linear weights only), a warmup then a decaying
-#   learning rate, and gradient clipping. `Trainer` runs that loop around
-#   `pretrain_step`.
+#   learning rate, and gradient clipping. `Trainer` runs that loop around a task; BLIP's
+#   pretraining task steps with `pretrain_step`.
 # * At this scale BERT's init std 0.02 leaves ITC on its $\log n$ plateau: the first
 #   steps collapse the barely-different features onto one point, where the
 #   contrastive gradient is zero. With 0.05 the useful differences grow first and the
@@ -645,7 +649,7 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #    `pretrain_step`), and what happens to ITM? Does LM help retrieval or hurt it?
 # 3. **Noisy captions.** Make web-like data with
 #    `noisy = world.make_noisy(data.train, 0.4, seed=1)` and train on it with
-#    `Trainer(cfg, dataset=data, train_images=noisy.images,
+#    `blip_trainer(cfg, dataset=data, train_images=noisy.images,
 #    train_captions=[[c] for c in noisy.captions])`. Compare the test measures with a
 #    run on `[[c] for c in data.train.captions]` (also one fixed caption per image,
 #    so only the noise differs). Then score every noisy pair with
