@@ -20,12 +20,16 @@ temporaries gains twice. Two revisions in one process would share one heap
 and blur that. ``--keep-freed-memory`` applies the ``mallopt`` setting of
 ``python -m minblip`` (which keeps freed memory for reuse) in both workers.
 
-The workloads use only the public API that every revision since the training
-issue has, so older trees run them unchanged:
+The workloads use only public API. Revisions since the training issue have
+one of two training APIs, and the worker builds the workloads with whichever
+its tree has: the one loop ``Trainer(task)`` with ``blip_trainer`` and
+``minblip.train_blip2.Stage1Training``, or, before it, ``Trainer(cfg)`` and
+``minblip.blip2.Stage1Trainer``. Both draw the same batches and compute the
+same steps, so the two sides time the same work:
 
-* ``blip_step``: ``Trainer.train_step`` of the demo (``TrainConfig()`` model
-  and batch) on one fixed batch;
-* ``blip2_step``: ``Stage1Trainer.train_step`` (``Stage1Config()``) on one fixed
+* ``blip_step``: one training step of the demo (``TrainConfig()`` model and
+  batch) on one fixed batch;
+* ``blip2_step``: one stage-1 training step (``Stage1Config()``) on one fixed
   batch of precomputed frozen-encoder features;
 * ``beam_captions``: 3-beam captions of 8 images, cached, each filling the
   demo decoder's 20 positions ([DEC] and 19 new tokens);
@@ -71,28 +75,49 @@ def keep_freed_memory() -> None:
         pass
 
 
+def _training(demo, data):
+    """(BLIP trainer, stage-1 trainer on ``data``, tokenizer), each trainer's
+    ``train_step`` repeating one fixed batch, with the training API of the
+    minblip on sys.path."""
+    import numpy as np
+    from minblip.vit import VisionTransformer
+
+    try:
+        from minblip.train import Trainer, blip_trainer
+        from minblip.train_blip2 import Stage1Config, Stage1Training
+    except ImportError:  # a revision before the one training loop
+        from minblip.blip2 import Stage1Config, Stage1Trainer
+        from minblip.train import Trainer
+
+        trainer = Trainer(demo)
+        vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+        stage1 = Stage1Trainer(Stage1Config(), vit, data, tokenizer=trainer.tokenizer)
+        for t in (trainer, stage1):
+            batch = t.sample_batch()
+            t.sample_batch = lambda batch=batch: batch
+        return trainer, stage1, trainer.tokenizer
+
+    trainer = blip_trainer(demo)
+    tok = trainer.task.tokenizer
+    vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+    stage1 = Trainer(Stage1Training(Stage1Config(), vit, data, tokenizer=tok))
+    for t in (trainer, stage1):
+        batch = t.task.sample_batch(t.data_rng)
+        t.task.sample_batch = lambda rng, batch=batch: batch
+    return trainer, stage1, tok
+
+
 def build_workloads() -> dict:
     """{workload: callable} on fixed inputs, from the minblip on sys.path."""
     import numpy as np
     from minblip import world
-    from minblip.blip2 import Stage1Config, Stage1Trainer
     from minblip.generation import generate
     from minblip.image import preprocess
-    from minblip.train import Trainer, TrainConfig
-    from minblip.vit import VisionTransformer
+    from minblip.train import TrainConfig
 
-    trainer = Trainer(TrainConfig(n_train=256, n_val=8, n_test=8))
-    batch = trainer.sample_batch()
-    trainer.sample_batch = lambda: batch
-
-    demo = trainer.cfg
-    vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+    demo = TrainConfig(n_train=256, n_val=8, n_test=8)
     data = world.make_dataset(64, 1, 1, seed=0, image_size=demo.image_size)
-    stage1 = Stage1Trainer(Stage1Config(), vit, data, tokenizer=trainer.tokenizer)
-    stage1_batch = stage1.sample_batch()
-    stage1.sample_batch = lambda: stage1_batch
-
-    tok = trainer.tokenizer
+    trainer, stage1, tok = _training(demo, data)
     pixels = preprocess(data.train.images[:32], demo.image_size)
     embeds, _ = trainer.model.encode_image(pixels)
     prompt = np.array([tok.dec_id])
