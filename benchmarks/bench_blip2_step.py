@@ -2,10 +2,11 @@
 
     python benchmarks/bench_blip2_step.py [--threads 1 2] [--repeats 15]
 
-The step mirrors ``minblip.blip2.Stage1Trainer.train_step`` on a fixed batch:
+The step mirrors ``minblip.train.Trainer.train_step`` around the stage-1 task
+(``minblip.train_blip2.Stage1Training``) on a fixed batch:
 ``Stage1Config()`` defaults (Q-Former width 64, depth 2, 4 heads, 8 queries,
 batch 32, float32) reading a frozen demo-size ViT whose features are computed
-once, as the trainer does; zero_grad, ITC + ITM + ITG forward and backward,
+once, as the stage-1 task does; zero_grad, ITC + ITM + ITG forward and backward,
 gradient clipping, AdamW on the warmup-cosine schedule. The twin
 (``reference/torch_twin_blip2.py``) runs the same step in PyTorch with the same
 weights, features, batch and ITM negatives (those of a first forward; minblip
@@ -30,10 +31,11 @@ def worker(args) -> dict:
     common.use_repo()
     import numpy as np
     from minblip import world
-    from minblip.blip2 import Blip2Stage1, Stage1Config, stage1_step
+    from minblip.blip2_stage1 import Blip2Stage1, stage1_step
     from minblip.image import preprocess
     from minblip.optim import AdamW, clip_grad_norm, warmup_cosine_lr
     from minblip.train import TrainConfig, build_tokenizer
+    from minblip.train_blip2 import Stage1Config
     from minblip.vit import VisionTransformer
 
     repeats = args.repeats or 15
@@ -55,7 +57,7 @@ def worker(args) -> dict:
     count = [0]
 
     def step():
-        optimizer.zero_grad()  # as Stage1Trainer.train_step does
+        optimizer.zero_grad()  # as Trainer.train_step does
         stage1_step(model, None, ids, mask, image_features=feats, dec_id=tok.dec_id,
                     rng=step_rng, weights=cfg.loss_weights)
         clip_grad_norm(optimizer.params, cfg.grad_clip)
@@ -68,7 +70,7 @@ def worker(args) -> dict:
                       "num_queries": cfg.num_queries, "batch_size": cfg.batch_size,
                       "max_text_len": cfg.max_text_len, "dtype": str(model.dtype),
                       "trainable_params": model.param_count(),
-                      "frozen_params": vit.param_count()}}
+                      "frozen_params": vit.param_count(include_frozen=True)}}
     fns = {"minblip": step}
     torch_ok, reason = common.torch_available()
     if torch_ok:  # built before minblip's first update: both start from the same weights

@@ -13,7 +13,7 @@ from common import use_repo
 use_repo()
 
 from minblip.blip import pretrain_step  # noqa: E402
-from minblip.train import Trainer, TrainConfig  # noqa: E402
+from minblip.train import TrainConfig, blip_trainer  # noqa: E402
 
 
 def demo_config() -> TrainConfig:
@@ -26,14 +26,16 @@ def demo_config() -> TrainConfig:
 class MinblipStep:
     """``Trainer.train_step`` (zero_grad, temperature clamp, ITC + ITM + LM
     forward and backward, gradient clipping, AdamW) on one fixed batch: the
-    trainer's ``sample_batch`` is replaced so no time goes to drawing captions."""
+    BLIP pretraining task's ``sample_batch`` is replaced so no time goes to
+    drawing captions."""
 
     def __init__(self, cfg: TrainConfig | None = None):
         self.cfg = cfg or demo_config()
-        self.trainer = Trainer(self.cfg)
-        self.batch = self.trainer.sample_batch()
-        self.trainer.sample_batch = lambda: self.batch
-        tok = self.trainer.tokenizer
+        self.trainer = blip_trainer(self.cfg)
+        task = self.trainer.task
+        self.batch = task.sample_batch(self.trainer.data_rng)
+        task.sample_batch = lambda rng: self.batch
+        tok = task.tokenizer
         self.ids = dict(cls_id=tok.cls_id, enc_id=tok.enc_id, dec_id=tok.dec_id)
         # one forward before any update: the loss and negatives the twin must reproduce
         self.first = pretrain_step(self.trainer.model, *self.batch, **self.ids,

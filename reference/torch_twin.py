@@ -43,7 +43,8 @@ from transformers.models.blip.modeling_blip_text import (BlipTextLMHeadModel,  #
                                                          BlipTextModel)
 
 from minblip import hf  # noqa: E402
-from minblip.blip import BLIP, BLIPConfig, hard_negative_weights, pretrain_step  # noqa: E402
+from minblip.blip import BLIP, BLIPConfig, pretrain_step  # noqa: E402
+from minblip.objectives import hard_negative_weights  # noqa: E402
 from minblip.text import TextConfig  # noqa: E402
 from minblip.tokenizer import Tokenizer  # noqa: E402
 from minblip.vit import ViTConfig  # noqa: E402

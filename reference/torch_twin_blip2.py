@@ -1,6 +1,6 @@
 """A PyTorch twin of minblip's BLIP-2 stage-1 step, compared tensor by tensor.
 
-The companion of ``torch_twin.py`` (BLIP) for ``minblip.blip2.stage1_step``:
+The companion of ``torch_twin.py`` (BLIP) for ``minblip.blip2_stage1.stage1_step``:
 the Q-Former and its stage-1 heads are written a second time in plain PyTorch,
 following salesforce/LAVIS ``lavis/models/blip2_models/blip2_qformer.py``
 ``Blip2Qformer.forward`` and ``Qformer.py`` (``BertEmbeddings``, ``BertLayer``,
@@ -26,7 +26,7 @@ batch and the ITM negatives minblip sampled; the twin runs
   cached keys and values, through which the gradient flows back into the query
   branch). Both must give minblip's gradients.
 
-:class:`TwinTrainer` adds the rest of ``Stage1Trainer.train_step``:
+:class:`TwinTrainer` adds the rest of a stage-1 ``Trainer.train_step``:
 ``clip_grad_norm_`` and ``torch.optim.AdamW`` with minblip's decay rule (only
 Linear weights decay) and its warmup-cosine schedule.
 
@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minblip.blip2 import Blip2Config, Blip2Stage1, negative_weights, stage1_step
+from minblip.blip2_stage1 import Blip2Config, Blip2Stage1, stage1_step
+from minblip.objectives import blip2_negative_weights
 from minblip.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from minblip.qformer import QFormerConfig
 from minblip.tokenizer import Tokenizer
@@ -224,7 +225,7 @@ class TwinQformer(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 class TwinBlip2Stage1(nn.Module):
-    """minblip's :class:`~minblip.blip2.Blip2Stage1` without the frozen encoder:
+    """minblip's :class:`~minblip.blip2_stage1.Blip2Stage1` without the frozen encoder:
     ``ln_vision``, ``query_tokens``, ``Qformer``, ``vision_proj``, ``text_proj``,
     ``itm_head``, ``temp``."""
 
@@ -375,7 +376,7 @@ def decay_groups(twin: TwinBlip2Stage1, weight_decay: float) -> list[dict]:
 
 
 class TwinTrainer:
-    """``Stage1Trainer.train_step`` in PyTorch on a fixed batch: zero the
+    """A stage-1 ``Trainer.train_step`` in PyTorch on a fixed batch: zero the
     gradients, the step, ``clip_grad_norm_``, the warmup-cosine learning rate,
     ``torch.optim.AdamW`` (betas 0.9, 0.999, eps 1e-8). Written without
     minblip's optimiser code, so the comparison checks that code too."""
@@ -481,7 +482,8 @@ def compare_step(model: Blip2Stage1, tok, seed: int = 0, batch: int = 4, itg: st
         w = sim_i2t.t().clone().double()
         w.fill_diagonal_(-10000)
         w = torch.softmax(w, dim=1)
-    rows.append(_row("negative weights t2i", negative_weights(result.sim_i2t.T), w.numpy()))
+    rows.append(_row("negative weights t2i", blip2_negative_weights(result.sim_i2t.T),
+                     w.numpy()))
 
     torch_params = dict(twin.named_parameters())
     pairs = lavis_params(model)
@@ -517,7 +519,7 @@ def compare_training(model: Blip2Stage1, tok, steps: int = 4, seed: int = 0, bat
     before = {n: p.data.copy() for n, p, _ in pairs}
     rng = np.random.default_rng(seed)
     rows = []
-    for step in range(steps):  # Stage1Trainer.train_step
+    for step in range(steps):  # Trainer.train_step of the stage-1 task
         model.zero_grad()
         result = stage1_step(model, None, ids, mask, image_features=feats, dec_id=tok.dec_id,
                              rng=rng)
