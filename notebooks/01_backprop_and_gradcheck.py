@@ -134,6 +134,10 @@ print(inspect.getsource(Linear.forward))
 print(inspect.getsource(Linear.backward))
 
 # %% [markdown]
+# (The `trainable` tests are for frozen Params, which the optimiser must leave alone: a
+# frozen layer still returns $\bar x$ but forms no $\bar W$ or $\bar b$. Notebook 11
+# freezes a whole language model that way. Here every Param trains.)
+#
 # `check_layer` wraps a layer in the loss $\sum \text{out} \odot R$, switches it to
 # float64, and compares every Param and every float input against central differences
 # (a few coordinates each, plus one random direction — section 7 explains that row).
