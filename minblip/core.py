@@ -224,6 +224,32 @@ def check_ndim(x: np.ndarray, ndim: int, name: str, layout: str) -> None:
         raise ValueError(f"{name}: expected a {ndim}-d array {layout}, got shape {x.shape}")
 
 
+def check_rng(rng, name: str = "rng", optional: bool = True) -> None:
+    """Require a ``np.random.Generator`` (or None when ``optional``: evaluation mode)."""
+    if (rng is None and optional) or isinstance(rng, np.random.Generator):
+        return
+    expected = "a numpy Generator or None" if optional else "a numpy Generator"
+    raise TypeError(f"{name}: expected {expected}, got {type(rng).__name__}")
+
+
+def check_mask01(mask, shape: tuple, name: str) -> np.ndarray:
+    """Require an array of exactly ``shape`` holding only 0 and 1 (a padding mask)."""
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} of 0/1, got {mask.shape}")
+    if not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name}: expected only 0/1 values, got {np.unique(mask)[:5].tolist()}")
+    return mask
+
+
+def check_token_matrix(ids, vocab_size: int, name: str) -> np.ndarray:
+    """Require integer ids (B, T), T >= 1, in [0, vocab_size)."""
+    ids = check_ids(ids, vocab_size, name)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name}: expected a 2-d array (B, T) with T >= 1, got shape {ids.shape}")
+    return ids
+
+
 def check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
     """Require an integer array of token ids in [0, vocab_size)."""
     ids = np.asarray(ids)

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention import causal_mask, padding_mask
-from .core import Module, check_float, check_ids, check_ndim
+from .core import (Module, check_float, check_mask01, check_ndim, check_rng,
+                   check_token_matrix)
 from .layers import Dropout, Embedding, LayerNorm
 from .objectives import NextTokenLoss, causal_lm_targets
 from .transformer import PreNormBlock
@@ -105,15 +106,6 @@ class LMConfig:
 # The model
 # ---------------------------------------------------------------------------
 
-def _check_01(mask, shape: tuple, name: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape} of 0/1, got {mask.shape}")
-    if not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"{name}: expected only 0/1 values, got {np.unique(mask)[:5].tolist()}")
-    return mask
-
-
 class LanguageModel(Module):
     """OPT-style decoder-only LM (Hugging Face ``OPTForCausalLM``).
 
@@ -153,10 +145,7 @@ class LanguageModel(Module):
             raise ValueError("LanguageModel: give ids or inputs_embeds, not both")
         c_tok = None
         if ids is not None:
-            ids = check_ids(ids, self.cfg.vocab_size, "LanguageModel ids")
-            if ids.ndim != 2:
-                raise ValueError(f"LanguageModel ids: expected a 2-d array (B, T), "
-                                 f"got shape {ids.shape}")
+            ids = check_token_matrix(ids, self.cfg.vocab_size, "LanguageModel ids")
             tok, c_tok = self.embed_tokens.forward(ids)  # (B, T) -> (B, T, D)
         elif inputs_embeds is not None:
             tok = self._checked_embeds(inputs_embeds, "inputs_embeds", "T")
@@ -182,8 +171,7 @@ class LanguageModel(Module):
         Returns logits (B, P + T, V) over the whole sequence and the cache.
         Row t scores the token at position t + 1.
         """
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng: expected a numpy Generator or None, got {type(rng).__name__}")
+        check_rng(rng)
         tok, c_tok, prefix = self._embed(ids, inputs_embeds, prefix_embeds)
         parts = [a for a in (prefix, tok) if a is not None]
         B = parts[0].shape[0]
@@ -199,7 +187,7 @@ class LanguageModel(Module):
             attention_mask = np.ones((B, T), dtype=np.int64)
         elif tok is None:
             raise ValueError("attention_mask was given without ids or inputs_embeds")
-        attention_mask = _check_01(attention_mask, (B, T), "attention_mask")
+        attention_mask = check_mask01(attention_mask, (B, T), "attention_mask")
 
         x = np.concatenate(parts, axis=1)  # blip2_opt.py: cat([inputs_opt, embed_tokens(ids)])
         pos, c_pos = self.embed_positions.forward(np.arange(L))  # (L, D): over prefix and text

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Module, Param, check_ndim
+from .core import Module, Param, check_ndim, check_rng
 from .softmax import CrossEntropyLoss, softmax
 
 IGNORE_INDEX = -100  # a target that is not predicted (PyTorch's cross-entropy default)
@@ -217,8 +217,7 @@ def sample_negatives(weights_t2i, weights_i2t, rng: np.random.Generator):
     B = len(weights_t2i)
     if B < 2:
         raise ValueError(f"ITM negatives need a batch of at least 2, got {B}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng: expected a numpy Generator, got {type(rng).__name__}")
+    check_rng(rng, optional=False)
     return draw_rows(weights_t2i, rng), draw_rows(weights_i2t, rng)
 
 

@@ -56,7 +56,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .attention import MultiHeadAttention, causal_mask
-from .core import Module, Param, check_float, check_ids, check_ndim
+from .core import (Module, Param, check_float, check_ids, check_mask01, check_ndim, check_rng,
+                   check_token_matrix)
 from .layers import Dropout, Embedding, LayerNorm
 from .transformer import FeedForward
 
@@ -152,26 +153,11 @@ def qformer_mask(mode: str, num_queries: int, text_mask=None):
 # Input checks
 # ---------------------------------------------------------------------------
 
-def _check_rng(rng) -> None:
-    if rng is not None and not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng: expected a numpy Generator or None, got {type(rng).__name__}")
-
-
 def _check_text(ids, attention_mask, vocab_size: int):
-    ids = check_ids(ids, vocab_size, "Q-Former text ids")
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"Q-Former text ids: expected a 2-d array (B, T) with T >= 1, "
-                         f"got shape {ids.shape}")
+    ids = check_token_matrix(ids, vocab_size, "Q-Former text ids")
     if attention_mask is None:
         return ids, np.ones(ids.shape, dtype=np.int64)
-    attention_mask = np.asarray(attention_mask)
-    if attention_mask.shape != ids.shape:
-        raise ValueError(f"Q-Former attention_mask: expected shape {ids.shape} (like ids) "
-                         f"of 0/1, got {attention_mask.shape}")
-    if not np.all((attention_mask == 0) | (attention_mask == 1)):
-        raise ValueError(f"Q-Former attention_mask: expected only 0/1 values, got "
-                         f"{np.unique(attention_mask)[:5].tolist()}")
-    return ids, attention_mask
+    return ids, check_mask01(attention_mask, ids.shape, "Q-Former attention_mask")
 
 
 # ---------------------------------------------------------------------------
@@ -377,7 +363,7 @@ class QFormer(Module):
         """
         if mode not in MODES:
             raise ValueError(f"Q-Former mode: expected one of {MODES}, got {mode!r}")
-        _check_rng(rng)
+        check_rng(rng)
         has_queries = bool(use_queries) and mode != "text"
         if mode == "queries":
             if not use_queries:

@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from . import world
+from .core import check_rng
 from .tokenizer import Tokenizer
 
 
@@ -97,8 +98,7 @@ def random_scenes(n: int, rng: np.random.Generator, max_objects: int = 2,
                   held_out=world.HELD_OUT_COMBOS) -> list[world.Scene]:
     """n random scenes of the world (repeats allowed), never using a held-out
     (colour, shape) combination, so the compositional split stays unseen."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng(rng, optional=False)
     if isinstance(max_objects, bool) or not 1 <= int(max_objects) <= world.MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{world.MAX_OBJECTS}, got {max_objects!r}")
     held = {tuple(c) for c in held_out}

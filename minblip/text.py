@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention import causal_mask, padding_mask
-from .core import Module, Param, check_float, check_ids, check_ndim
+from .core import (Module, Param, check_float, check_mask01, check_ndim, check_rng,
+                   check_token_matrix)
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear
 from .transformer import PostNormBlock
 
@@ -75,28 +76,6 @@ class TextConfig:
 # Input checks
 # ---------------------------------------------------------------------------
 
-def _check_token_ids(ids, vocab_size: int) -> np.ndarray:
-    ids = check_ids(ids, vocab_size, "text ids")
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"text ids: expected a 2-d array (B, T) with T >= 1, "
-                         f"got shape {ids.shape}")
-    return ids
-
-
-def _check_01(mask, shape: tuple, name: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape} of 0/1, got {mask.shape}")
-    if not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"{name}: expected only 0/1 values, got {np.unique(mask)[:5].tolist()}")
-    return mask
-
-
-def _check_rng(rng) -> None:
-    if rng is not None and not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng: expected a numpy Generator or None, got {type(rng).__name__}")
-
-
 def self_attention_mask(attention_mask, causal: bool = False):
     """The text self-attention mask (BERT ``get_extended_attention_mask`` before
     it becomes an additive -10000).
@@ -136,7 +115,7 @@ class TextEmbeddings(Module):
     def forward(self, ids, start: int = 0, rng=None):
         """ids (B, T) -> emb (B, T, D). Token t gets position ``start + t``
         (``start`` > 0 when earlier tokens are cached during generation)."""
-        ids = _check_token_ids(ids, self.cfg.vocab_size)
+        ids = check_token_matrix(ids, self.cfg.vocab_size, "text ids")
         T = ids.shape[1]
         if start < 0 or start + T > self.cfg.max_positions:
             raise ValueError(f"text positions {start}..{start + T - 1} do not fit "
@@ -196,11 +175,11 @@ class TextTransformer(Module):
         image_embeds (B, S, encoder_width) or None (text mode); image_mask (B, S)
         of 0/1 or None; causal adds the decoder's causal mask.
         Returns hidden (B, T, D) and the cache."""
-        ids = _check_token_ids(ids, self.cfg.vocab_size)
+        ids = check_token_matrix(ids, self.cfg.vocab_size, "text ids")
         B, T = ids.shape
-        _check_rng(rng)
+        check_rng(rng)
         if attention_mask is not None:
-            attention_mask = _check_01(attention_mask, (B, T), "attention_mask")
+            attention_mask = check_mask01(attention_mask, (B, T), "attention_mask")
             mask = self_attention_mask(attention_mask, causal)  # (B, T, T)
         else:
             mask = causal_mask(T) if causal else None  # (1, T, T) or everything visible
@@ -208,7 +187,7 @@ class TextTransformer(Module):
         if image_embeds is not None:
             self._check_image(image_embeds, B)
             if image_mask is not None:
-                image_mask = _check_01(image_mask, image_embeds.shape[:2], "image_mask")
+                image_mask = check_mask01(image_mask, image_embeds.shape[:2], "image_mask")
                 context_mask = padding_mask(image_mask)  # (B, 1, S)
         elif image_mask is not None:
             raise ValueError("image_mask was given without image_embeds (text mode has no "
@@ -276,7 +255,7 @@ class TextTransformer(Module):
         text mode. No padding mask: generation batches are unpadded.
         Returns hidden (B, t, D) and present (per layer the full (k, v)).
         """
-        ids = _check_token_ids(ids, self.cfg.vocab_size)
+        ids = check_token_matrix(ids, self.cfg.vocab_size, "text ids")
         B, t = ids.shape
         if image_embeds is not None and image_kv is not None:
             raise ValueError("forward_incremental: pass image_embeds or image_kv, not both")
