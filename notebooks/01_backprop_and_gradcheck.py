@@ -266,6 +266,11 @@ for dtype in (np.float32, np.float64):
     best = int(np.argmin(errs))
     print(f"{dtype.__name__}: best h = {hs[best]:.0e} with error {errs[best]:.1e}; "
           f"at h = 1e-5 the error is {errs[np.argmin(np.abs(hs - 1e-5))]:.1e}")
+# what the text below and the summary say about these curves
+best32, best64 = errors[np.float32].min(), errors[np.float64].min()
+assert 1e-5 <= best32 < 1e-4 and 3e-3 < hs[np.argmin(errors[np.float32])] < 3e-2
+assert 1e-11 <= best64 < 1e-10 and errors[np.float64][np.argmin(np.abs(hs - 1e-5))] < 1e-10
+assert errors[np.float32][np.argmin(np.abs(hs - 1e-8))] == 1.0  # x + h rounds back to x
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -498,6 +503,192 @@ except GradcheckError as err:
     print(err)
 
 # %% [markdown]
+# ## 8. The transformer's own pieces: LayerNorm, GELU, dropout
+#
+# Every transformer block of the later notebooks is `Linear`, attention (notebook 02)
+# and three more layers. Here are their backwards, each derived and then checked
+# numerically right away.
+#
+# ### LayerNorm
+#
+# Over the last axis of width $D$, for one row $x$:
+#
+# $$\mu = \tfrac1D\textstyle\sum_j x_j,\quad \sigma^2 = \tfrac1D\sum_j (x_j-\mu)^2,\quad
+# r = (\sigma^2+\epsilon)^{-1/2},\quad \hat x = (x - \mu)\,r,\quad y = \gamma\odot\hat x + \beta .$$
+#
+# The last line is elementwise with parameters broadcast over the rows, like the bias
+# of `Linear`: $\bar\beta = \sum_{\text{rows}} \bar y$, $\bar\gamma = \sum_{\text{rows}}
+# \bar y \odot \hat x$, and $\bar{\hat x} = \bar y \odot \gamma$. The interesting step is
+# $\hat x(x)$, because $\mu$ and $r$ depend on the whole row. With
+# $\partial\mu/\partial x_j = 1/D$ and
+# $\partial r/\partial x_j = -\tfrac12 r^3 \cdot \tfrac2D (x_j - \mu) = -r^3 (x_j-\mu)/D$
+# (the term from $\partial\mu/\partial x_j$ inside $\sigma^2$ sums to zero, since
+# $\sum_k (x_k-\mu) = 0$):
+#
+# $$\frac{\partial \hat x_i}{\partial x_j}
+# = r\Big(\delta_{ij} - \tfrac1D\Big) - (x_i-\mu)\,\frac{r^3 (x_j-\mu)}{D}
+# = r\Big(\delta_{ij} - \tfrac1D - \tfrac{\hat x_i \hat x_j}{D}\Big),
+# \qquad J = r\Big(I - \tfrac1D \mathbf 1\mathbf 1^\top - \tfrac1D \hat x\hat x^\top\Big).$$
+#
+# $J$ is symmetric, so $\bar x = J\,\bar{\hat x}$. Two facts can be read off it: $J\mathbf 1
+# = 0$ (adding a constant to a row changes nothing: the mean absorbs it) and $J\hat x = 0$
+# when $\epsilon = 0$ (scaling a row changes nothing: the variance absorbs it; $\hat x^\top
+# \hat x = D$). The first is the zero gradient of section 5. Let us compare this $J$ with
+# a Jacobian measured by central differences of `LayerNorm.forward`:
+
+# %%
+D_ln = 6
+ln = LayerNorm(D_ln, eps=0.0).to(np.float64)  # gamma = 1, beta = 0: y is x-hat; eps 0: J xhat = 0
+x_row = np.random.default_rng(10).standard_normal(D_ln) * 2.0 + 1.0
+xhat, (_, r) = ln.forward(x_row)
+J_formula = r * (np.eye(D_ln) - 1.0 / D_ln - np.outer(xhat, xhat) / D_ln)
+J_numeric = np.stack([(ln.forward(x_row + e)[0] - ln.forward(x_row - e)[0]) / 2e-5
+                      for e in 1e-5 * np.eye(D_ln)], axis=1)  # column j: d xhat / d x_j
+ln_jacobian_error = np.abs(J_formula - J_numeric).max()
+print("max |J_formula - J_numeric| =", f"{ln_jacobian_error:.1e}")
+print("symmetric:", np.allclose(J_formula, J_formula.T),
+      "  |J 1| =", f"{np.abs(J_formula @ np.ones(D_ln)).max():.0e}",
+      "  |J xhat| =", f"{np.abs(J_formula @ xhat).max():.0e}")
+assert ln_jacobian_error < 1e-9
+
+# %% [markdown]
+# The formula agrees with the measured Jacobian to the rounding of the differences.
+# Building $J$ costs $D^2$ numbers per row (BLIP-2's $D = 2560$ OPT rows would each need
+# 6.5 million); multiplying by it does not. Expanding $J\bar{\hat x}$ gives three terms,
+#
+# $$\bar x = r\Big(\bar{\hat x} - \mathrm{mean}(\bar{\hat x})
+# - \hat x\,\mathrm{mean}(\bar{\hat x}\odot\hat x)\Big),$$
+#
+# a mean and a weighted mean per row: turning that into code, with the broadcast
+# parameters, is **exercise 1.2** below.
+#
+# ### GELU, exact and tanh
+#
+# $\mathrm{GELU}(x) = x\,\Phi(x)$ with $\Phi$ the standard normal CDF and $\varphi$ its
+# density. The product rule gives
+#
+# $$\frac{d}{dx}\,x\Phi(x) = \Phi(x) + x\,\varphi(x),\qquad
+# \varphi(x) = \tfrac{1}{\sqrt{2\pi}}e^{-x^2/2}.$$
+#
+# The tanh approximation (`GELU("tanh")`, GPT-2's) is
+# $g(x) = \tfrac12 x\,(1 + \tanh u)$ with $u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)$; with
+# $\tanh' = 1 - \tanh^2$,
+#
+# $$g'(x) = \tfrac12(1 + \tanh u) + \tfrac12\,x\,(1 - \tanh^2 u)\,
+# \sqrt{2/\pi}\,(1 + 3\cdot 0.044715\,x^2).$$
+#
+# Both are elementwise, so $\bar x = \bar y \odot \mathrm{GELU}'(x)$: no sum, no shape
+# change. Checked on a grid against central differences of the forward, and against
+# `GELU.backward`:
+
+# %%
+grid = np.linspace(-6, 6, 241)
+h_g = 1e-5
+for form in ("none", "tanh"):
+    gelu = GELU(form)
+    if form == "none":
+        from minblip.layers import erf  # noqa: E402 - the package's float64 erf
+        derived = 0.5 * (1 + erf(grid / np.sqrt(2))) + grid * np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi)
+    else:
+        u = np.sqrt(2 / np.pi) * (grid + 0.044715 * grid**3)
+        derived = (0.5 * (1 + np.tanh(u)) + 0.5 * grid * (1 - np.tanh(u) ** 2)
+                   * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * grid**2))
+    numeric = (gelu.forward(grid + h_g)[0] - gelu.forward(grid - h_g)[0]) / (2 * h_g)
+    package = gelu.backward(np.ones_like(grid), gelu.forward(grid)[1])
+    print(f"GELU({form!r}): max |derived - numeric| = {np.abs(derived - numeric).max():.1e}, "
+          f"max |derived - GELU.backward| = {np.abs(derived - package).max():.1e}")
+    assert np.abs(derived - numeric).max() < 1e-9 and np.abs(derived - package).max() < 1e-12
+exact, approx = GELU().forward(grid)[0], GELU("tanh").forward(grid)[0]
+d_exact = GELU().backward(np.ones_like(grid), GELU().forward(grid)[1])
+d_approx = GELU("tanh").backward(np.ones_like(grid), GELU("tanh").forward(grid)[1])
+gelu_gap, dgelu_gap = np.abs(exact - approx).max(), np.abs(d_exact - d_approx).max()
+print(f"the two forms differ by at most {gelu_gap:.1e} in value and {dgelu_gap:.1e} in slope")
+lo, hi = np.argmin(d_exact), np.argmax(d_exact)
+print(f"exact slope: minimum {d_exact[lo]:.3f} at x = {grid[lo]:.2f}, "
+      f"maximum {d_exact[hi]:.3f} at x = {grid[hi]:.2f}")
+assert d_exact[lo] < 0 and grid[lo] < 0 and d_exact[hi] > 1 and grid[hi] > 0
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+axes[0].plot(grid, exact, label=r"exact $x\Phi(x)$")
+axes[0].plot(grid, approx, "--", label="tanh form")
+axes[1].plot(grid, d_exact, label=r"$\Phi(x) + x\varphi(x)$")
+axes[1].plot(grid, d_approx, "--", label="tanh form")
+axes[0].set_title("GELU")
+axes[1].set_title("its derivative (the backward's factor)")
+for ax in axes:
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_xlabel("x")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Unlike ReLU's 0/1, the derivative dips below zero for some negative inputs and rises
+# above one for some positive ones (the printed extremes). The two forms are close, but
+# not equal (the printed gaps): a checkpoint trained with one should be run with the same one, which
+# is why the fidelity notebook (12) matters. BERT, BLIP's ViT and minblip use the exact
+# form; minblip's `erf` makes it exact to float64 rounding.
+#
+# ### Dropout
+#
+# In training, inverted dropout keeps each element with probability $1-p$ and scales
+# the survivors: $y = x \odot m / (1-p)$ with $m_i \sim \mathrm{Bernoulli}(1-p)$, so
+# $\mathbb E[y] = x$ and evaluation (no dropout) needs no rescaling. For a *fixed* mask
+# it is elementwise and linear:
+#
+# $$\bar x = \bar y \odot m / (1-p),$$
+#
+# the same mask as the forward, which is why the mask is the cache. That has a
+# consequence for gradient checking: central differences compare $L(x+h)$ with
+# $L(x-h)$, and if each forward draws a new mask, the two losses are of two different
+# functions. minblip passes the random generator in explicitly (the core contract), so a
+# check can hand every forward a generator with the same seed, and the same mask:
+
+# %%
+from minblip import Module  # noqa: E402
+from minblip.layers import Dropout  # noqa: E402
+
+
+class DropoutWithSeed(Module):
+    """Dropout whose every forward draws its mask from a generator of one fixed seed
+    (or from one shared generator, a new mask each time, with fresh=True)."""
+
+    def __init__(self, p, fresh=False):
+        self.drop, self.fresh, self.rng = Dropout(p), fresh, np.random.default_rng(11)
+
+    def forward(self, x):
+        rng = self.rng if self.fresh else np.random.default_rng(11)
+        return self.drop.forward(x, rng)
+
+    def backward(self, dy, cache):
+        return self.drop.backward(dy, cache)
+
+
+x_d = np.random.default_rng(12).standard_normal((3, 8))
+y_d, mask = DropoutWithSeed(0.25).forward(x_d)
+print("kept:", int((mask > 0).sum()), "of", mask.size, "; survivors scaled by",
+      np.unique(mask[mask > 0]), "= 1 / (1 - p)")
+print("same mask every forward:", "passed" if check_layer(DropoutWithSeed(0.25), x_d).passed
+      else "FAILED")
+fresh = check_layer(DropoutWithSeed(0.25, fresh=True), x_d, raise_on_fail=False)
+print("a new mask every forward:", "passed" if fresh.passed else "FAILED")
+assert not fresh.passed
+means = np.mean([Dropout(0.25).forward(x_d, np.random.default_rng(s))[0] for s in range(2000)],
+                axis=0)
+print(f"mean of 2000 dropped-out copies vs x: max difference {np.abs(means - x_d).max():.3f}")
+
+# %% [markdown]
+# With a fresh mask per forward the "numeric gradient" is noise and the check fails even
+# though the backward is right: in a gradient check, randomness must be held fixed.
+# The exercise checks of later notebooks (attention dropout, the post-norm block of
+# notebook 04) do exactly this. The average of many masked copies is $x$ itself, up
+# to sampling noise: inverted dropout leaves the expected activation unchanged.
+#
+# The residual connection and the post-norm block that combine these pieces are
+# derived in notebook 04, where BLIP's BERT layer is built.
+
+# %% [markdown]
 # ## Summary
 #
 # * A backward is the forward read bottom up: each line turns $\bar y$ into $\bar x$
@@ -507,32 +698,34 @@ except GradcheckError as err:
 # * Softmax cross-entropy: $\bar z = (p\sum_k t_k - t)/N$, i.e. $(p - t)/N$ for one-hot or
 #   smoothed targets, zero on ignored rows, $N$ counting the kept rows.
 # * Central differences have a truncation error $\propto h^2$ and a rounding error
-#   $\propto u/h$. float32 bottoms out near $10^{-4}$, float64 near $10^{-10}$; minblip
-#   checks in float64 with $h = 10^{-5}$, the bottom of the float64 V.
+#   $\propto u/h$. Measured in section 4, float32 bottoms out at a few $10^{-5}$ and
+#   float64 at a few $10^{-11}$; minblip checks in float64 with $h = 10^{-5}$, the bottom of
+#   the float64 V.
 # * Read relative errors on the CS231n scale ($\lesssim 10^{-7}$ good, $\gtrsim 10^{-2}$ a
 #   bug); assert with atol + rtol so exact zeros do not cause false alarms.
 # * `+=`, never `=`, into `Param.grad`; `np.add.at`, never `grad[ids] +=`; and test a
 #   layer used at least twice.
 # * Sampled coordinates can miss a Param that got no gradient; one random direction over
 #   all Params catches it for the price of two forwards.
+# * LayerNorm's Jacobian is $r(I - \mathbf 1\mathbf 1^\top/D - \hat x\hat x^\top/D)$ per row,
+#   applied without being built; GELU's derivative is $\Phi(x) + x\varphi(x)$ (tanh form:
+#   section 8); dropout's backward multiplies by the forward's own mask, so a gradient
+#   check must hold the random generator fixed.
 #
 # ## Exercises
 #
-# 1. **LayerNorm backward.** Derive $\bar x$ for $\hat x = (x - \mu)/\sigma$ over the last
-#    axis, remembering that $\mu$ and $\sigma$ depend on every element of the row. Show it
-#    equals $\frac{1}{\sigma}\big(\bar{\hat x} - \mathrm{mean}(\bar{\hat x})
-#    - \hat x\,\mathrm{mean}(\bar{\hat x}\odot\hat x)\big)$, then compare with
-#    `LayerNorm.backward` and confirm with `check_layer(LayerNorm(8), x)` (set `gamma`
-#    and `beta` to random values first).
+# 1. **RMSNorm.** LLaMA-style models replace LayerNorm by $y = \gamma \odot x / \rho$ with
+#    $\rho = \sqrt{\mathrm{mean}(x^2) + \epsilon}$ (no mean subtracted, no $\beta$). Derive
+#    its Jacobian the way section 8 derives LayerNorm's, write it as a `Module`, and check
+#    it with `check_layer`. Which of LayerNorm's two invariances does it keep?
 # 2. **Make gradcheck fail on purpose.** Write a Linear subclass whose backward forgets
 #    the bias, and one whose backward returns `dy @ W` instead of `dy @ W.T` (use a square
 #    W — why would a non-square one not get as far as the check?). Which rows of the
 #    report fail, and by how much?
-# 3. **GELU, tanh form.** Derive the derivative of
-#    $0.5\,x\,(1 + \tanh(\sqrt{2/\pi}\,(x + 0.044715 x^3)))$ and check
-#    `GELU("tanh")` with `check_layer`. Then run the check with inputs in float32 (write the
-#    central difference yourself, as in section 4): what error do you get, and which side
-#    of the V are you on for $h = 10^{-5}$?
+# 3. **GELU in float32.** Section 8 checks both GELU derivatives in float64. Run the same
+#    comparison with float32 inputs (write the central difference yourself, as in
+#    section 4): what error do you get for $h = 10^{-5}$, and which side of the V are you on?
+#    Which $h$ would you choose for float32?
 # 4. **The size of the loss.** Re-run the float64 sweep of section 4 with a constant
 #    $10^4$ added to the loss (the gradient does not change). Where does the bottom of
 #    the V move, and why does only the rounding side of the V rise?
@@ -571,8 +764,9 @@ print(check_layer(CrossEntropyLoss(), rng.standard_normal((4, 6)), soft, wrt=[0]
 # **Hints.** The forward caches $\hat x$ and $r = 1/\sqrt{\mathrm{var} + \epsilon}$ (shape
 # `(..., 1)`). Undo $y = \hat x\gamma + \beta$ first: $\bar\gamma$ and $\bar\beta$ sum over
 # every leading axis, and go into `gamma.grad` and `beta.grad` with `+=`. Then undo
-# $\hat x = (x - \mu)\,r$, where $\mu$ and $r$ depend on the whole row: open exercise 1 of
-# the list above for the formula. The check uses the layer twice before reading the
+# $\hat x = (x - \mu)\,r$, where $\mu$ and $r$ depend on the whole row: section 8 derives
+# its Jacobian and the three-term product; compute it for every row at once, with
+# `keepdims` means over the last axis. The check uses the layer twice before reading the
 # gradient (section 6), so `=` instead of `+=` fails.
 
 # %% nbgrader={"grade": true, "grade_id": "ex1_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}

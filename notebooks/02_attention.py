@@ -300,7 +300,9 @@ print(inspect.getsource(MultiHeadAttention.backward))
 # %%
 rng = np.random.default_rng(1)
 qc, kc, vc = (rng.standard_normal((B, H, T, dh)) for _ in range(3))
-print(check_layer(ScaledDotProductAttention(), qc, kc, vc, forward_kwargs={"mask": both}))
+attention_checks = [check_layer(ScaledDotProductAttention(), qc, kc, vc,
+                                forward_kwargs={"mask": both})]
+print(attention_checks[-1])
 
 # %% [markdown]
 # Multi-head **self-attention** with the same mask: every projection's weight and bias,
@@ -309,7 +311,8 @@ print(check_layer(ScaledDotProductAttention(), qc, kc, vc, forward_kwargs={"mask
 # %%
 mha = MultiHeadAttention(D, H, rng, init_std=0.4)
 x = rng.standard_normal((B, T, D))
-print(check_layer(mha, x, forward_kwargs={"mask": both}))
+attention_checks.append(check_layer(mha, x, forward_kwargs={"mask": both}))
+print(attention_checks[-1])
 
 # %% [markdown]
 # **Cross-attention** from 5 text tokens of width 8 to 7 image tokens of width 6, with
@@ -319,7 +322,9 @@ print(check_layer(mha, x, forward_kwargs={"mask": both}))
 # %%
 cross = MultiHeadAttention(D, H, rng, d_context=6, init_std=0.4)
 context = rng.standard_normal((B, 7, 6))
-print(check_layer(cross, x, context))
+attention_checks.append(check_layer(cross, x, context))
+print(attention_checks[-1])
+assert max(r.max_rel_err for r in attention_checks) <= 1e-7  # what the next paragraph says
 
 # %% [markdown]
 # Relative errors of $10^{-7}$ and below everywhere: the backward is right.
@@ -398,7 +403,7 @@ print("|dx| per input position:", np.abs(dx).sum(axis=(0, 2)))
 # These come with checks. In the student version of the project
 # (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
 # stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 2.1,2.2` runs the same checks with pytest).
+# right (`python -m minblip.exercises check 2.1,2.2,2.3` runs the same checks with pytest).
 #
 # ### Exercise 2.1 · Scaled dot-product attention backward, with a mask
 #
@@ -459,3 +464,128 @@ def scores_loss(backward):
 
 
 print(gradcheck(scores_loss, {"q": q_p, "k": k_p}))
+
+
+# %% [markdown]
+# ### Exercise 2.3 · Multi-head attention forward, from scratch
+#
+# **Goal.** Write `mha_forward(x, context, mask, weights, n_heads)` with NumPy only: the
+# forward of `MultiHeadAttention`, self- or cross-attention, with a boolean mask.
+#
+# * `x` `(B, T, D)`; `context` `(B, S, D_c)` or `None` (self-attention: keys and values
+#   come from `x`, so $S = T$ and $D_c = D$);
+# * `mask`: booleans broadcastable to `(B, T, S)`, `True` = may attend, or `None`;
+# * `weights`: a dict of the four projections, stored `(d_in, d_out)` as minblip does:
+#   `"Wq"` `(D, D)`, `"bq"` `(D,)`, `"Wk"` and `"Wv"` `(D_c, D)`, `"bk"` and `"bv"` `(D,)`,
+#   `"Wo"` `(D, D)`, `"bo"` `(D,)`;
+# * return `(B, T, D)`.
+#
+# **Hints.** Section 2 walks through the self-attention case without a mask. Add:
+# keys and values from `context` when there is one; the mask needs a head axis to
+# broadcast against the scores `(B, H, T, S)`; a masked key must get weight exactly 0
+# (use $-\infty$ before a softmax that subtracts the row maximum), and a query whose keys
+# are *all* masked must get all-zero weights, not NaN (section 3: minblip's departure from
+# BERT). Do not call `MultiHeadAttention`, `ScaledDotProductAttention`, `split_heads`,
+# `merge_heads` or `softmax`: the check makes them unavailable.
+
+# %% nbgrader={"grade": false, "grade_id": "ex2_3_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def mha_forward(x, context, mask, weights, n_heads):
+    """x (B, T, D), context (B, S, Dc) or None, mask broadcastable to (B, T, S) or None
+    -> (B, T, D)."""
+    ### BEGIN SOLUTION
+    source = x if context is None else context
+    B, T, D = x.shape
+    S, dh = source.shape[1], D // n_heads
+
+    def heads(a, length):  # (B, L, D) -> (B, H, L, dh)
+        return a.reshape(B, length, n_heads, dh).transpose(0, 2, 1, 3)
+
+    q = heads(x @ weights["Wq"] + weights["bq"], T)  # (B, T, D) @ (D, D)
+    k = heads(source @ weights["Wk"] + weights["bk"], S)  # (B, S, Dc) @ (Dc, D)
+    v = heads(source @ weights["Wv"] + weights["bv"], S)
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(dh)  # (B, H, T, dh) @ (B, H, dh, S)
+    if mask is not None:
+        scores = np.where(np.asarray(mask, bool)[:, None], scores, -np.inf)  # (B, 1, T, S)
+    row_max = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))  # exp(-inf) = 0
+    total = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(total > 0, total, 1.0)  # a fully masked row stays all zero
+    ctx = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, H, T, dh) -> (B, T, D)
+    return ctx @ weights["Wo"] + weights["bo"]
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2_3_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
+from contextlib import contextmanager  # noqa: E402
+
+import minblip.attention as attention_module  # noqa: E402
+
+FORBIDDEN = {"MultiHeadAttention", "ScaledDotProductAttention", "split_heads", "merge_heads",
+             "softmax"}
+
+
+@contextmanager
+def package_attention_unavailable():
+    """While the answer runs, minblip's attention layers raise, and the answer may not
+    name the package's attention helpers."""
+    used = FORBIDDEN & set(mha_forward.__code__.co_names)
+    assert not used, f"Exercise 2.3 is NumPy only; your mha_forward uses {sorted(used)}"
+    saved = {name: getattr(attention_module, name).forward
+             for name in ("MultiHeadAttention", "ScaledDotProductAttention")}
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Exercise 2.3: minblip's attention layers are unavailable while "
+                           "your mha_forward runs")
+
+    for name in saved:
+        getattr(attention_module, name).forward = unavailable
+    try:
+        yield
+    finally:
+        for name, forward in saved.items():
+            getattr(attention_module, name).forward = forward
+
+
+def reference_attention(x, context, mask, weights, n_heads):
+    """The same layer assembled from minblip's pieces: projections, then the package's
+    scaled dot-product attention on the split heads."""
+    source = x if context is None else context
+    q, k, v = (attention_module.split_heads(a @ weights[f"W{n}"] + weights[f"b{n}"], n_heads)
+               for a, n in ((x, "q"), (source, "k"), (source, "v")))
+    heads_mask = None if mask is None else np.asarray(mask, bool)
+    ctx, _ = attention_module.ScaledDotProductAttention().forward(q, k, v, heads_mask)
+    return attention_module.merge_heads(ctx) @ weights["Wo"] + weights["bo"]
+
+
+def random_weights(D, Dc, rng):
+    return {"Wq": 0.4 * rng.standard_normal((D, D)), "bq": rng.standard_normal(D),
+            "Wk": 0.4 * rng.standard_normal((Dc, D)), "bk": rng.standard_normal(D),
+            "Wv": 0.4 * rng.standard_normal((Dc, D)), "bv": rng.standard_normal(D),
+            "Wo": 0.4 * rng.standard_normal((D, D)), "bo": rng.standard_normal(D)}
+
+
+rng = np.random.default_rng(23)
+x_self, x_text, image = (rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 4, 8)),
+                         rng.standard_normal((2, 6, 3)))
+w_self, w_cross = random_weights(8, 8, rng), random_weights(8, 3, rng)
+causal_padded = causal_mask(5, 5) & padding_mask(np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+no_image = padding_mask(np.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]))  # text 1 sees nothing
+cases = {"self-attention, no mask": (x_self, None, None, w_self),
+         "self-attention, causal and padding": (x_self, None, causal_padded, w_self),
+         "cross-attention to 6 image tokens": (x_text, image, no_image, w_cross)}
+for name, (x_, ctx_, mask_, w_) in cases.items():
+    with package_attention_unavailable():
+        yours = mha_forward(x_, ctx_, mask_, w_, 2)
+    expected = reference_attention(x_, ctx_, mask_, w_, 2)
+    err = np.abs(yours - expected).max()
+    print(f"{name:36s} max |yours - minblip's| = {err:.1e}")
+    assert yours.shape == expected.shape and err < 1e-12, name
+### BEGIN HIDDEN TESTS
+w4 = random_weights(8, 3, rng)
+with package_attention_unavailable():
+    yours = mha_forward(x_text, image, None, w4, 4)
+assert np.abs(yours - reference_attention(x_text, image, None, w4, 4)).max() < 1e-12
+with package_attention_unavailable():
+    masked = mha_forward(x_text, image, no_image, w4, 4)
+assert np.allclose(masked[1], w4["bo"], rtol=0, atol=1e-12)  # nothing visible: only the bias
+### END HIDDEN TESTS

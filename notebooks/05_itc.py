@@ -173,6 +173,43 @@ for wild in (0.9, 0.0001, 0.2):
 model.temp.data[...] = saved
 
 # %% [markdown]
+# ### A common misreading: CLIP's `exp(t)` and BLIP's `/ temp`
+#
+# Many write-ups (and CLIP's own code) give the contrastive logits as
+# `logits = exp(t) * I @ T.T`, with a learned **log-scale** $t$ initialised at
+# $\log(1/0.07)$ and clipped so that $e^t \le 100$ (Radford et al. 2021, section 2.5;
+# `CLIPModel.forward` in Hugging Face transformers multiplies by `logit_scale.exp()`).
+# BLIP (`blip_pretrain.py`) writes `sim = I @ T.T / self.temp`, a learned **temperature**
+# $\tau$ initialised at 0.07 and clamped to $[0.001, 0.5]$. They are the same function
+# under $e^t = 1/\tau$, i.e. $t = -\log\tau$: both start at $1/0.07 \approx 14.3$, and the
+# clamps translate to $\tau \ge 0.01$ for CLIP and $1/\tau \in [2, 1000]$ for BLIP. What
+# differs is the parameter the optimiser moves, so the gradient differs by the chain
+# rule: $\partial L/\partial t = \partial L/\partial \tau \cdot d\tau/dt = -\tau\,
+# \partial L/\partial\tau$. A step on $t$ changes $\tau$ by a *factor* ($\tau e^{-\eta
+# g}$, never negative), a step on $\tau$ by an *amount*. Both checked on the batch above,
+# with central differences of the loss written out by hand:
+
+# %%
+def itc_by_hand(logit_scale):
+    """The loss of the cell above, for logits = logit_scale * cosines (in float64)."""
+    z = logit_scale * (v.astype(np.float64) @ t.astype(np.float64).T)
+    rows = z - np.log(np.exp(z).sum(1, keepdims=True))
+    cols = z - np.log(np.exp(z).sum(0, keepdims=True))
+    return 0.5 * (-np.mean(np.diag(rows)) - np.mean(np.diag(cols)))
+
+
+tau_now = float(model.temp.data)
+log_scale = -math.log(tau_now)  # CLIP's t with exp(t) = 1 / tau
+h_t = 1e-6
+blip_form = itc_by_hand(1 / tau_now)
+clip_form = itc_by_hand(math.exp(log_scale))
+d_tau = (itc_by_hand(1 / (tau_now + h_t)) - itc_by_hand(1 / (tau_now - h_t))) / (2 * h_t)
+d_t = (itc_by_hand(math.exp(log_scale + h_t)) - itc_by_hand(math.exp(log_scale - h_t))) / (2 * h_t)
+print(f"loss with / tau: {blip_form:.10f}   with * exp(t): {clip_form:.10f}")
+print(f"dL/dt = {d_t:.6f}   -tau * dL/dtau = {-tau_now * d_tau:.6f}")
+assert abs(blip_form - clip_form) < 1e-9 and abs(d_t + tau_now * d_tau) < 1e-6 * max(1, abs(d_t))
+
+# %% [markdown]
 # ## 3. Deriving the backward
 #
 # Write $V, T \in \mathbb R^{n\times E}$ for the stacked unit features,
@@ -317,6 +354,7 @@ def spread(f):
     return float(np.mean(np.linalg.norm(f - f.mean(0), axis=1)))
 
 
+spreads = {}  # text-feature spread per model
 demo_02 = TrainConfig(init_std=0.02)
 demo_05 = TrainConfig(init_std=0.05)
 for name, c in (("demo size, init 0.02", demo_02), ("demo size, init 0.05", demo_05),
@@ -325,12 +363,14 @@ for name, c in (("demo size, init 0.02", demo_02), ("demo size, init 0.05", demo
     _, fi = m.encode_image(images)
     ft = m.encode_text(ids, mask)
     print(f"{name:22s} image features {spread(fi):.4f}   text features {spread(ft):.4f}")
+    spreads[name] = spread(ft)
+assert spreads["demo size, init 0.02"] < spreads["demo size, init 0.05"] / 3  # next paragraph
 
 # %% [markdown]
-# With `init_std` 0.02 the text features start far closer to collapse. In our runs,
-# training that model with ITC alone kept the loss at $\log n$ for the first hundred or
-# more steps, which is why `TrainConfig` starts from 0.05 (notebook 14 measures both),
-# while this notebook's model starts improving at once. BLIP's own
+# With `init_std` 0.02 the text features start far closer to collapse, and a model that
+# starts there keeps its ITC loss on the $\log n$ plateau (notebook 14 measures it: 200
+# steps with 0.02 never leave it), which is why `TrainConfig` starts from 0.05, while this
+# notebook's model starts improving at once. BLIP's own
 # pre-training does not meet this as badly: it trains ITM and LM at the same time (they
 # spread the features too) and starts from pre-trained ViT and BERT weights.
 #
@@ -441,6 +481,12 @@ print(f"{cfg.steps} steps in {seconds:.1f} s; temperature {model.cfg.temp} -> "
       f"{float(model.temp.data):.4f}")
 print("held-out image -> caption, top-1:", np.mean(after.argmax(1) == np.arange(B)),
       "  caption -> image, top-1:", np.mean(after.argmax(0) == np.arange(B)))
+off_diagonal = ~np.eye(B, dtype=bool)
+print(f"cosines before: spread {before.max() - before.min():.3f}; after: diagonal mean "
+      f"{np.diag(after).mean():.2f}, off-diagonal mean {after[off_diagonal].mean():.2f}")
+# what the text below the picture says: flat before, the diagonal standing out after
+assert before.max() - before.min() < 0.1
+assert np.diag(after).mean() > after[off_diagonal].mean() + 0.3
 
 # %%
 fig = plt.figure(figsize=(15, 6.4))

@@ -439,17 +439,27 @@ attributes = {
 off = ~np.eye(len(batch), dtype=bool)
 hardest = prob.argmax(1)
 print(f"{'shares ...':24s} {'hardest negative':>17s} {'BLIP sampling':>14s} {'uniform':>8s}")
+shared_by = {}  # attribute -> (hardest negative, BLIP sampling, uniform)
 for name, key in attributes.items():
     share = np.array([[bool(key(a) & key(c)) for c in scenes] for a in scenes], dtype=float)
-    print(f"{name:24s} {share[np.arange(len(batch)), hardest].mean():17.2f} "
-          f"{np.sum(prob * share, 1).mean():14.2f} {share[off].mean():8.2f}")
+    shared_by[name] = (share[np.arange(len(batch)), hardest].mean(),
+                       np.sum(prob * share, 1).mean(), share[off].mean())
+    print(f"{name:24s} {shared_by[name][0]:17.2f} {shared_by[name][1]:14.2f} "
+          f"{shared_by[name][2]:8.2f}")
+# what the next paragraph says about this table
+for name in ("a colour", "the number of objects"):
+    assert shared_by[name][0] > shared_by[name][2] + 0.2, name  # far more often than chance
+assert abs(shared_by["a shape"][0] - shared_by["a shape"][2]) < 0.15  # about as often
+assert shared_by["a grid cell"][0] < shared_by["a grid cell"][2]  # less often than chance
 
 # %% [markdown]
 # The negatives the model finds hard share colours and the number of objects with the
 # positive far more often than chance: ITC after 300 steps has learnt colours and counts
 # first, so those are the near-misses ITM is trained on (the orange square above a purple
-# *cross* for "an orange square above a purple box"). Shapes and grid cells are not yet
-# part of the ITC space: the hard negatives share them no more often than chance.
+# *cross* for "an orange square above a purple box"). Shapes are not yet part of the ITC
+# space: the hard negatives share one about as often as a uniformly drawn image does.
+# Grid cells they share even *less* often than chance, so position does not make a
+# negative hard at this stage either.
 #
 # And the comparison of section 3 on real logits: the average probability of the single
 # hardest negative, and how many rows are so confident that BLIP's $10^{-4}$ floor
@@ -466,6 +476,7 @@ print(f"softmax of the true pair: median {np.median(np.diag(p_soft)):.3f}, "
 print(f"rows where the 1e-4 floor ({(len(batch) - 1) * 1e-4:.4f} in all) outweighs the "
       f"softmax mass on negatives: {int(np.sum(neg_mass < (len(batch) - 1) * 1e-4))} of "
       f"{len(batch)}")
+assert np.sum(neg_mass < (len(batch) - 1) * 1e-4) == 0  # what the next paragraph says
 
 # %% [markdown]
 # After 300 steps the two schemes agree: no row is confident enough. BLIP's floor takes
@@ -559,9 +570,15 @@ for k, j in enumerate(np.concatenate([[b], hard])):
     cos = float(v[j] @ t[b])
     print(f"{j:6d} {cos:11.3f} {itm[k, 1]:13.3f} {softmax(itm[k])[1]:13.3f} "
           f"{itm[k, 1] + cos:16.3f}")
+cosines = np.array([float(v[j] @ t[b]) for j in np.concatenate([[b], hard])])
+p_match = softmax(itm)[:, 1]
+# what the next paragraph says: the true image first, the hardest negative close behind,
+# and an untrained head that gives every pair about the same p(match), below 0.5
+assert cosines.argmax() == 0 and cosines[0] - cosines[1] < 0.1
+assert p_match.max() < 0.5 and p_match.max() - p_match.min() < 0.05
 
 # %% [markdown]
-# ITC puts the true image first, with image 20 close behind. The untrained head gives
+# ITC puts the true image first, with the hardest negative (the second row) close behind. The untrained head gives
 # all four pairs about the same match probability, below 0.5, so a filter built on it
 # would drop even the true caption: the threshold means something only for a trained
 # head. And a trained head starts from the base rate of its training rows, $p = 1/3$

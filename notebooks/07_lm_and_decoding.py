@@ -451,6 +451,8 @@ for m, caps in texts_by_method.items():
     exact = np.mean([world.caption_is_true(s, c) for s, c in zip(val.scenes, caps)])
     print(f"{m:14s} {acc['colour']:7.2f} {acc['shape']:7.2f} {acc['size']:7.2f} "
           f"{acc['position']:9.2f} {exact:9.2f}")
+    if m.startswith(("greedy", "beam")):  # what the next paragraph says
+        assert min(acc["colour"], acc["shape"], acc["size"]) >= 0.9 and acc["position"] <= 0.2
 
 # %% [markdown]
 # After this short training run the captioner names colour, shape and size from the
@@ -472,6 +474,10 @@ cell_caps = generate(captioner.text_decoder, cell_embeds, dec_prompt, sep_id=cto
 for sc, t in zip(cells, cell_caps.tokens):
     o = sc.objects[0]
     print(f"object in cell (row {o.row}, col {o.col}): {ctok.decode(t)}")
+assert len({ctok.decode(t) for t in cell_caps.tokens}) <= 3  # the caption does not follow the cell
+# greedy and beam captions of the images shown above state the same facts (next paragraph)
+assert all(world.score_caption(val.scenes[i], texts_by_method["greedy"][i])
+           == world.score_caption(val.scenes[i], texts_by_method["beam (3)"][i]) for i in range(6))
 
 # %% [markdown]
 # Greedy and beam search are deterministic; here they state the same facts and differ
@@ -527,6 +533,9 @@ for ax, t in zip(axes, (1, uncertain)):
     context = ctok.decode(prefix) or "(nothing yet)"
     ax.set_title(f"next word after: “{context}”", fontsize=10)
     ax.legend(fontsize=8, loc="center right")
+    print(f"after “{context}”: the words beyond the 15 shown hold {1 - cum[-1]:.1%} of the "
+          f"mass; the nucleus keeps {n_kept} tokens")
+    assert 0.01 <= 1 - cum[-1] <= 0.09  # "a few per cent" (next paragraph)
 plt.suptitle("Top-p = 0.9: blue tokens can be sampled, grey ones are set to −∞", y=1.0)
 plt.tight_layout()
 plt.show()
@@ -535,7 +544,7 @@ plt.show()
 # After filtering, the kept probabilities are renormalised (the removed logits are
 # $-\infty$) and one token is drawn. Notice the long flat tail: training with label
 # smoothing asks for $0.1/V$ on every word, so together the unlikely words hold a few
-# per cent of the mass, and a top-p of 0.9 cuts roughly that tail away. Because the nucleus adapts its size to the
+# per cent of the mass (printed above), and a top-p of 0.9 cuts roughly that tail away. Because the nucleus adapts its size to the
 # distribution, a confident step keeps one or two tokens while an uncertain one keeps
 # many; top-$k$ with a fixed $k$ cannot do both.
 
@@ -588,7 +597,7 @@ for method in ("greedy", "beam"):
 # them too, so the comparison isolates the text prefix); beam search copies the cache
 # to follow its re-ordered beams every step; and a fixed cost per step (Python, many
 # small arrays) that at this toy width is a large share of the time. The measured
-# speed-up is therefore far below the 16× ratio of token passes. It is usually larger
+# speed-ups (printed above) are therefore far below the 16× ratio of token passes. It is usually larger
 # for beam search, although it copies its cache every step: its 24 rows share each
 # step's fixed cost, so the arithmetic the cache removes is a larger part of its time.
 # That arithmetic grows with the width, so at BLIP's width 768 the gain is much

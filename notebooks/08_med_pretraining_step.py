@@ -305,6 +305,26 @@ for label, m in (("tied (BLIP)", tied), ("copied at init", copied)):
 # gather that may repeat an image) and the decoder. Each call returns its own cache;
 # nothing is stored on the modules.
 #
+# That table is what the code does; here it is *observed*. `minblip.diagrams` records
+# every call of the model's ViT, text encoder and text decoder during one real
+# `pretrain_step` of the tiny model (the gradients it leaves are zeroed again), and draws
+# them in order, with the order of their backwards:
+
+# %%
+from minblip import diagrams  # noqa: E402
+
+calls = diagrams.trace_pretraining_step(model, tok, images, ids, mask, np.random.default_rng(3))
+model.zero_grad()
+fig = diagrams.draw_pretraining_step(calls, batch=B)
+plt.show()
+text_calls = [c for c in calls if c.module != "visual_encoder"]
+assert [(c.module, c.first_token, c.rows // B, c.with_image) for c in text_calls] == [
+    ("text_encoder", "[CLS]", 1, False), ("text_encoder", "[ENC]", 1, True),
+    ("text_encoder", "[ENC]", 2, True), ("text_decoder", "[DEC]", 1, True)]
+
+# %% [markdown]
+# The forward block:
+#
 # The forward block:
 
 # %%
@@ -484,6 +504,14 @@ plt.tight_layout()
 plt.show()
 print("exactly zero contributions:",
       [(g, o) for o in ("ITC", "ITM", "LM") for g, v in zip(group_order, norms[o]) if v == 0])
+# the expectations listed above the picture, as (group, objective that sends nothing)
+expected_zero = {("cross-attention", "ITC"), ("decoder self-attention", "ITC"), ("LM head", "ITC"),
+                 ("itm_head", "ITC"), ("vision_proj", "ITM"), ("temp", "ITM"),
+                 ("text_proj", "ITM"), ("decoder self-attention", "ITM"), ("LM head", "ITM"),
+                 ("vision_proj", "LM"), ("temp", "LM"), ("text_proj", "LM"),
+                 ("encoder self-attention", "LM"), ("itm_head", "LM")}
+assert {(g, o) for o in ("ITC", "ITM", "LM") for g, v in zip(group_order, norms[o])
+        if v == 0} == expected_zero
 
 # %% [markdown]
 # The picture matches the call table: the zero contributions are exact (those Params

@@ -52,6 +52,14 @@
 # the subject of this notebook. The code we mirror is salesforce/LAVIS
 # `lavis/models/blip2_models/Qformer.py` (`BertEmbeddings`, `BertLayer`) as called by
 # `blip2_qformer.py`.
+#
+# **A common misreading.** BLIP-2's abstract reports beating Flamingo-80B by 8.7% on
+# zero-shot VQAv2 "with 54x fewer trainable parameters" (Li et al. 2023, arXiv
+# 2301.12597). The 54x is about **trainable parameters** — the Q-Former (and, in stage 2,
+# one projection) against the layers Flamingo trains — not about training data, and not
+# about the model's total size: the frozen image encoder and the frozen language model
+# are most of BLIP-2's parameters and are not trained at all. That is the point of this
+# notebook's module: a small transformer between two large frozen ones.
 
 # %%
 import inspect
@@ -105,6 +113,18 @@ print("query FFN starts equal to the text FFN:",
 print("cross-attention key:", layer0.cross_attn.key.W.shape, " (encoder_width, width)")
 
 # %% [markdown]
+# The whole toy Q-Former as a picture, drawn by `minblip.diagrams.draw_qformer` from the
+# object: one self-attention per layer shared by the queries and the text, the
+# cross-attention only in the query lane and only where the layer has one, and the two
+# feed-forwards side by side (separate objects, so separate boxes).
+
+# %%
+from minblip import diagrams  # noqa: E402
+
+fig = diagrams.draw_qformer(qf)
+plt.show()
+
+# %% [markdown]
 # ## 3. The learned queries: one parameter, broadcast over the batch
 #
 # The queries are a single `Param` of shape $(1, Q, D)$, drawn from $N(0, 0.02)$
@@ -117,12 +137,18 @@ print("cross-attention key:", layer0.cross_attn.key.W.shape, " (encoder_width, w
 # opinion on how the queries should move.
 
 # %%
+def source_from(function, marker):
+    """The source lines of ``function`` from the first line that contains ``marker`` on."""
+    lines = inspect.getsource(function).splitlines()
+    return "\n".join(lines[next(i for i, line in enumerate(lines) if marker in line):])
+
+
 B = 3
 queries = np.broadcast_to(qf.query_tokens.data, (B, Q, cfg.width))
 print("query_tokens", qf.query_tokens.shape, "-> batch view", queries.shape,
       "| shares memory:", np.shares_memory(queries, qf.query_tokens.data),
       "| strides of the batch axis:", queries.strides[0])
-print(inspect.getsource(QFormer.backward).split("dq = ")[1])
+print(source_from(QFormer.backward, "dq = "))
 
 # %% [markdown]
 # Let us check the sum directly: the gradient of a batch of three equals the sum of the
@@ -327,7 +353,7 @@ print("ITC one pass vs two passes: queries", delta(h_itc[:, :Q], h_queries),
 # captioning loop uses it). The two give the same text outputs:
 
 # %%
-print(inspect.getsource(QFormer.forward_incremental).split('"""')[2].split("Q = query_kv")[1])
+print(source_from(QFormer.forward_incremental, "Q = query_kv"))
 
 # %%
 dense, _ = qx.forward(img, dec, mask, mode="itg")

@@ -54,7 +54,15 @@
 #
 # with $p_{\text{itm}} = \mathrm{softmax}(\text{ITM logits})_{\text{match}}$ and the
 # threshold 0.5 the authors give (salesforce/BLIP issue 46). A web image keeps 0, 1 or
-# 2 texts. No CapFilt code was released; `minblip/capfilt.py` follows the paper and the
+# 2 texts.
+#
+# **Three common misreadings.** (i) The captioner and the filter are not trained on web
+# data: both start from the MED pretrained on web **and** human-annotated pairs, and
+# both are then fine-tuned on the **human-annotated** set alone (COCO in the paper),
+# separately. (ii) The filter does not pick the better of a web text and a synthetic
+# one: it judges **each text on its own**, against its image, with one threshold; an
+# image may keep both, one or neither. (iii) CapFilt does not change the model, only
+# the data: the new model is an ordinary BLIP pretrained on $D$. No CapFilt code was released; `minblip/capfilt.py` follows the paper and the
 # authors' answers in salesforce/BLIP issues 11 and 46.
 #
 # CapFilt adds no layer and no backward: every model here is trained by the
@@ -188,11 +196,13 @@ rows = {"raw web texts": web.captions, "synthetic (nucleus 0.9)": synthetic,
 attrs = ("colour", "shape", "size", "position")
 print(f"{'texts':<25}{'fully true':>11}" + "".join(f"{a:>10}" for a in attrs)
       + f"{'distinct':>10}")
+scored = {}
 for name, texts in rows.items():
-    m = caption_metrics(web.scenes, texts)
+    m = scored[name] = {**caption_metrics(web.scenes, texts),
+                        "distinct": len(set(texts)) / len(texts)}
     print(f"{name:<25}{m['caption_exact_match']:>11.1%}"
           + "".join(f"{m[f'caption_{a}_accuracy']:>10.1%}" for a in attrs)
-          + f"{len(set(texts)) / len(texts):>10.1%}")
+          + f"{m['distinct']:>10.1%}")
 for i in range(4):
     print(f"\nimage {i}: web    [{web.noise_kind[i] or 'clean'}] {web.captions[i]}"
           f"\n         synthetic [{'true' if synthetic_true[i] else 'not true'}] {synthetic[i]}"
@@ -206,8 +216,18 @@ for i in range(4):
 # learnt where things are, so most of its texts are partly wrong. Beam search is right
 # more often on every attribute and much less varied (fewer distinct texts), the trade
 # the paper describes in section 4.3. BLIP keeps nucleus sampling and relies on the
-# filter to catch the mistakes.
-#
+# filter to catch the mistakes. (The cell below asserts what this paragraph says.)
+
+# %%
+web_m, syn_m, beam_m = (scored[name] for name in rows)  # raw web, synthetic, beam, in order
+assert web_m["caption_exact_match"] == 0.5 > syn_m["caption_exact_match"]
+assert all(syn_m[f"caption_{a}_accuracy"] > web_m[f"caption_{a}_accuracy"]
+           for a in ("colour", "size"))
+assert syn_m["caption_position_accuracy"] < web_m["caption_position_accuracy"] - 0.3
+assert all(beam_m[f"caption_{a}_accuracy"] >= syn_m[f"caption_{a}_accuracy"] for a in attrs)
+assert beam_m["distinct"] < syn_m["distinct"]
+
+# %% [markdown]
 # ## 6. The filter: p(match) from the ITM head
 #
 # `capfilt.match_scores` returns $p_{\text{itm}} = \mathrm{softmax}(z)_1$, with $z$ the
@@ -252,6 +272,8 @@ for kind, q in q_web["by_kind"].items():
           f"precision against the clean texts {q['precision']:6.1%}")
 print(f"synthetic texts: kept {keep_syn.mean():.1%}; of the not fully true ones removed "
       f"{q_syn['recall']:.1%}; precision {q_syn['precision']:.1%}")
+removed_by_kind = {kind: q["recall"] for kind, q in q_web["by_kind"].items()}
+assert min(removed_by_kind, key=removed_by_kind.get) == "attribute"  # the next paragraph
 
 # %% [markdown]
 # Filler and swapped texts are easy: they name nothing in the image, or other objects.
@@ -297,6 +319,17 @@ display(capfilt_experiment.plot_examples(run, shown))
 # %% [markdown]
 # ## 7. The bootstrapped set
 #
+# The loop so far, drawn by `minblip.diagrams.draw_capfilt` from this run's config, the
+# objectives `capfilt.py` fine-tunes the captioner and the filter with, and the texts the
+# filter kept:
+
+# %%
+from minblip import diagrams  # noqa: E402
+
+fig = diagrams.draw_capfilt(cfg, run)
+plt.show()
+
+# %% [markdown]
 # `bootstrap_captions` assembles the texts each web image keeps. With the filter and the
 # captioner, an image keeps 0, 1 or 2 texts. `run.text_accuracy` scores each group of
 # texts against the images, before and after the filter:
@@ -361,6 +394,13 @@ print(capfilt_experiment.format_difference_table(summary))
 print()
 print(capfilt_experiment.format_filter_table(summary))
 display(capfilt_experiment.plot_table(summary))
+# what the reading below says, from the same summary
+gain = summary["differences_vs_no_capfilt"]["filter_only"]
+assert all(0.35 < gain[k]["mean"] < 0.45 and gain[k]["min"] >= 0.26 - 5e-3
+           for k in ("i2t_recall@1", "t2i_recall@1"))  # "about 40 points", "at least 26"
+both = summary["capfilt_vs_filter_only"]
+assert [round(100 * both[k]["mean"]) for k in ("i2t_recall@1", "t2i_recall@1")] == [-2, -4]
+assert [round(100 * both["i2t_recall@1"][k]) for k in ("max", "min")] == [16, -19]
 
 # %% [markdown]
 # How to read it, with the numbers above:

@@ -25,7 +25,7 @@
 #    split of colour-shape pairs the model never sees;
 # 2. go through the recipe (loss, optimiser, schedule, clipping, initialisation) and
 #    *measure* why each choice is there, with short runs;
-# 3. train a model of about 0.16M parameters for 700 steps, in about a minute;
+# 3. train a model of about 0.16M parameters for 700 steps (section 4 prints the time);
 # 4. evaluate it on held-out pairs: retrieval with ITC alone and with ITM re-ranking,
 #    image-text matching, and generated captions scored attribute by attribute, on the
 #    test split and on the compositional split.
@@ -171,6 +171,7 @@ plt.show()
 trainer = blip_trainer(cfg, dataset=data)
 model, tok = trainer.model, trainer.task.tokenizer
 print(f"model: {model.param_count():,} parameters")
+assert round(model.param_count() / 1e6, 2) == 0.16  # "about 0.16M" in the goal above
 
 lrs = [trainer.lr_at(s) for s in range(cfg.steps + 1)]
 fig, ax = plt.subplots(figsize=(7, 2.8))
@@ -287,6 +288,13 @@ for t, lg in ((flat, log_flat), (trainer, log)):
           f"({t.train_seconds:.1f} s)")
 print(f"log 32 = {math.log(32):.3f};  entropy of the ITM labels (1 match : 2 not) = "
       f"{math.log(3) - 2 / 3 * math.log(2):.4f}")
+# what the text below the plots says about the two runs
+itm_floor = math.log(3) - 2 / 3 * math.log(2)
+assert 1e-4 <= log_flat[6][2] < 1e-3 and log_flat[-1][2] < 1e-3  # a few 1e-4 by step 60, stays
+assert abs(np.mean(flat.history["itc"][150:]) - math.log(32)) < 0.01  # 0.02: on the plateau
+assert np.mean(trainer.history["itc"][150:]) < math.log(32) - 0.5  # 0.05: left it
+assert np.mean(trainer.history["itc"][80:100]) < math.log(32) - 0.1  # within a few dozen steps
+assert all(abs(np.mean(t.history["itm"][150:]) - itm_floor) < 0.01 for t in (flat, trainer))
 
 # %%
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
@@ -387,6 +395,12 @@ print(f"temperature: start 0.07, highest {log_tau.max():.3f} (step {log_steps[lo
       f"end {log_tau[-1]:.4f}")
 print(f"steps whose gradient was clipped: "
       f"{np.mean(np.array(history['grad_norm']) > cfg.grad_clip):.0%}")
+# what the reading of the curves below says
+itm, lm = np.array(history["itm"]), np.array(history["lm"])
+assert np.mean(lm[100:125]) < 0.7 * np.mean(lm[:25])  # LM drops in the first hundred steps
+assert np.mean(itm[200:280]) > itm_floor - 0.02 > np.mean(itm[-50:]) > 0.3  # ITM: late, not far
+assert np.mean(np.array(history["grad_norm"][50:]) > cfg.grad_clip) > 0.9
+assert log_tau.max() > 0.07 > log_tau[-1]  # the temperature first rises, then falls
 
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(15, 6.4))
@@ -569,6 +583,18 @@ named_held_out = sum(any((p["colour"], p["shape"]) in data.held_out
                          for p in world.parse_caption(c)) for c in comp_captions)
 print(f"\ncompositional captions that name a held-out pair: {named_held_out} of "
       f"{len(comp_captions)}")
+# what the reading below says about this table
+assert min(metrics["i2t_recall@5"], metrics["t2i_recall@5"]) > 0.5
+assert metrics["i2t_recall@1"] < metrics["itc_i2t_recall@1"]  # re-ranking lowers recall here
+assert metrics["itm_positive_accuracy"] < 0.5 < metrics["itm_hard_negative_accuracy"]
+assert abs(metrics["itm_accuracy"] - 0.5) < 0.1
+assert min(metrics["caption_colour_accuracy"], metrics["caption_size_accuracy"]) > 0.6
+assert 0.2 < metrics["caption_position_accuracy"] < 0.5 and metrics["caption_shape_accuracy"] < 0.2
+assert all(comp[k] < metrics[k] for k in ("itc_i2t_recall@1", "itc_t2i_recall@1"))
+assert all(abs(comp[k] - metrics[k]) < 0.12 for k in (
+    "itm_accuracy", "caption_colour_accuracy", "caption_shape_accuracy",
+    "caption_size_accuracy", "caption_position_accuracy"))
+assert named_held_out == 0
 
 # %% [markdown]
 # Read these numbers as what one minute buys, not as what the model can do.
@@ -589,10 +615,9 @@ print(f"\ncompositional captions that name a held-out pair: {named_held_out} of 
 #   back on one shape word.
 # * **Compositional**: retrieval drops most. Part of that is the novelty we wanted
 #   to test; part is that this gallery is harder anyway, since every one of its images
-#   contains one of just two colour-shape pairs, so the distractors look alike. The
-#   caption colour, shape and size scores are lower too, while ITM and position are
-#   about the same on both splits: at this stage they hardly depend on which colour
-#   goes with which shape. The captioner never once writes a held-out pair: it has
+#   contains one of just two colour-shape pairs, so the distractors look alike. ITM
+#   and the caption scores, by contrast, change little between the splits: at this
+#   stage they hardly depend on which colour goes with which shape. The captioner never once writes a held-out pair: it has
 #   never seen those two words together, and after one minute it does not compose
 #   them.
 #

@@ -7,6 +7,109 @@ A region is named as in the registry (``path::Qualified.name``). Instructor-only
 the student version leaves this file out.
 """
 
+# The wrong answers of 2.3 and 4.2 differ from the solution in one step each: they are
+# assembled from the steps they share.
+_MHA = "notebooks/02_attention.ipynb::mha_forward"
+_MHA_PROJECT = """source = x if context is None else context
+B, T, D = x.shape
+S, dh = source.shape[1], D // n_heads
+q = (x @ weights["Wq"] + weights["bq"]).reshape(B, T, n_heads, dh).transpose(0, 2, 1, 3)
+k = (source @ weights["Wk"] + weights["bk"]).reshape(B, S, n_heads, dh).transpose(0, 2, 1, 3)
+v = (source @ weights["Wv"] + weights["bv"]).reshape(B, S, n_heads, dh).transpose(0, 2, 1, 3)
+"""
+_MHA_SCORES = "scores = q @ k.swapaxes(-1, -2) / np.sqrt(dh)\n"
+_MHA_MASK = """if mask is not None:
+    scores = np.where(np.asarray(mask, bool)[:, None], scores, -np.inf)
+"""
+_MHA_SOFTMAX = """row_max = scores.max(axis=-1, keepdims=True)
+e = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))
+total = e.sum(axis=-1, keepdims=True)
+p = e / np.where(total > 0, total, 1.0)
+"""
+_MHA_MERGE = """ctx = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, D)
+return ctx @ weights["Wo"] + weights["bo"]
+"""
+MHA_WRONG = [
+    ("2.3", _MHA, "forgets the 1/sqrt(dh) scale",
+     _MHA_PROJECT + "scores = q @ k.swapaxes(-1, -2)\n" + _MHA_MASK + _MHA_SOFTMAX + _MHA_MERGE),
+    ("2.3", _MHA, "BERT's additive -10000: a fully masked row averages every value instead of none",
+     _MHA_PROJECT + _MHA_SCORES + """if mask is not None:
+    scores = scores + np.where(np.asarray(mask, bool)[:, None], 0.0, -10000.0)
+""" + _MHA_SOFTMAX + _MHA_MERGE),
+    ("2.3", _MHA, "splits the heads with a reshape alone: (B, T, D) -> (B, H, T, dh) mixes tokens",
+     """source = x if context is None else context
+B, T, D = x.shape
+S, dh = source.shape[1], D // n_heads
+q = (x @ weights["Wq"] + weights["bq"]).reshape(B, n_heads, T, dh)
+k = (source @ weights["Wk"] + weights["bk"]).reshape(B, n_heads, S, dh)
+v = (source @ weights["Wv"] + weights["bv"]).reshape(B, n_heads, S, dh)
+""" + _MHA_SCORES + _MHA_MASK + _MHA_SOFTMAX + """ctx = (p @ v).reshape(B, T, D)
+return ctx @ weights["Wo"] + weights["bo"]
+"""),
+    ("2.3", _MHA, "the softmax over the queries (axis -2) instead of the keys",
+     _MHA_PROJECT + _MHA_SCORES + _MHA_MASK + _MHA_SOFTMAX.replace("axis=-1", "axis=-2")
+     + _MHA_MERGE),
+    ("2.3", _MHA, "a plain softmax: a fully masked row gives NaN",
+     _MHA_PROJECT + _MHA_SCORES + _MHA_MASK + """e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+p = e / e.sum(axis=-1, keepdims=True)
+""" + _MHA_MERGE),
+    ("2.3", _MHA, "a shortcut: minblip's split_heads, merge_heads and softmax", """
+from minblip.attention import merge_heads, split_heads
+from minblip.softmax import softmax
+source = x if context is None else context
+q = split_heads(x @ weights["Wq"] + weights["bq"], n_heads)
+k = split_heads(source @ weights["Wk"] + weights["bk"], n_heads)
+v = split_heads(source @ weights["Wv"] + weights["bv"], n_heads)
+scores = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+if mask is not None:
+    scores = np.where(np.asarray(mask, bool)[:, None], scores, -1e30)
+return merge_heads(softmax(scores, axis=-1) @ v) @ weights["Wo"] + weights["bo"]
+"""),
+    ("2.3", _MHA, "a shortcut: the check's own reference, built on minblip's attention", """
+return reference_attention(x, context, mask, weights, n_heads)
+"""),
+]
+
+_BLOCK = "notebooks/04_text_transformer.ipynb::postnorm_block_backward"
+_BLOCK_FFN_LN = """c_sa, c_d1, c_ln1, c_ca, c_d2, c_ln2, c_ffn, c_d3, c_ln3 = cache["parts"]
+ds3 = block.ffn_ln.backward(dy, c_ln3)
+"""
+_BLOCK_FFN = "dh = ds3 + block.ffn.backward(block.drop.backward(ds3, c_d3), c_ffn)\n"
+_BLOCK_CROSS_AND_SELF = """dcontext = None
+if c_ca is not None:
+    ds2 = block.cross_attn_ln.backward(dh, c_ln2)
+    dh1, dcontext = block.cross_attn.backward(block.drop.backward(ds2, c_d2), c_ca)
+    dh = ds2 + dh1
+ds1 = block.self_attn_ln.backward(dh, c_ln1)
+dx_attn, _ = block.self_attn.backward(block.drop.backward(ds1, c_d1), c_sa)
+"""
+BLOCK_WRONG = [
+    ("4.2", _BLOCK, "drops the residual path of the feed-forward sub-block",
+     _BLOCK_FFN_LN + "dh = block.ffn.backward(block.drop.backward(ds3, c_d3), c_ffn)\n"
+     + _BLOCK_CROSS_AND_SELF + "return ds1 + dx_attn, dcontext\n"),
+    ("4.2", _BLOCK, "forgets the dropout masks in the backward",
+     _BLOCK_FFN_LN + "dh = ds3 + block.ffn.backward(ds3, c_ffn)\n"
+     + _BLOCK_CROSS_AND_SELF.replace("block.drop.backward(ds2, c_d2)", "ds2")
+     .replace("block.drop.backward(ds1, c_d1)", "ds1") + "return ds1 + dx_attn, dcontext\n"),
+    ("4.2", _BLOCK, "skips the cross-attention LayerNorm: feeds dh straight to the cross-attention",
+     _BLOCK_FFN_LN + _BLOCK_FFN + """dcontext = None
+if c_ca is not None:
+    dh1, dcontext = block.cross_attn.backward(block.drop.backward(dh, c_d2), c_ca)
+    dh = dh + dh1
+ds1 = block.self_attn_ln.backward(dh, c_ln1)
+dx_attn, _ = block.self_attn.backward(block.drop.backward(ds1, c_d1), c_sa)
+return ds1 + dx_attn, dcontext
+"""),
+    ("4.2", _BLOCK, "returns the self-attention's gradient without the residual's",
+     _BLOCK_FFN_LN + _BLOCK_FFN + _BLOCK_CROSS_AND_SELF + "return dx_attn, dcontext\n"),
+    ("4.2", _BLOCK, "loses the image gradient: returns None for the context",
+     _BLOCK_FFN_LN + _BLOCK_FFN + _BLOCK_CROSS_AND_SELF + "return ds1 + dx_attn, None\n"),
+    ("4.2", _BLOCK, "a shortcut: calls the package's PostNormBlock.backward", """
+return PostNormBlock.backward(block, dy, cache)
+"""),
+]
+
+
 WRONG_ANSWERS = [
     # 1.1 softmax cross-entropy backward
     ("1.1", "minblip/softmax.py::CrossEntropyLoss.backward",
@@ -108,6 +211,8 @@ return dscores @ k, dscores.swapaxes(-1, -2) @ q
      ".T on 4-d arrays reverses every axis", """
 return scale * dscores @ k, scale * dscores.T @ q
 """),
+    # 2.3 multi-head attention forward (notebook)
+    *MHA_WRONG,
     # 3.1 patchify
     ("3.1", "minblip/vit.py::patchify",
      "a reshape without the transpose", """
@@ -150,6 +255,8 @@ dpos = np.zeros((max_positions, D))
 dpos[:T] = de[0]
 return dword, dpos
 """),
+    # 4.2 the capstone: the post-norm block's backward (notebook)
+    *BLOCK_WRONG,
     # 5.1 ITC forward and backward
     ("5.1", "minblip/objectives.py::itc_forward",
      "text-to-image reads the rows of the image-to-text matrix (no transpose)", """

@@ -148,11 +148,15 @@ def test_ex_2_1_attention_dropout():
 
 
 # ---------------------------------------------------------------------------
-# 2.2 the backward of the attention scores (notebook 02)
+# 2.2 the backward of the attention scores, 2.3 the attention forward (notebook 02)
 # ---------------------------------------------------------------------------
 
 def test_ex_2_2_notebook():
     run_notebook("2.2")
+
+
+def test_ex_2_3_notebook():
+    run_notebook("2.3")
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def test_ex_3_1_patch_order():
 
 
 # ---------------------------------------------------------------------------
-# 3.2 patchify backward, 4.1 text embeddings backward (notebooks 03, 04)
+# 3.2 patchify backward, 4.1 text embeddings backward, 4.2 the capstone (notebooks 03, 04)
 # ---------------------------------------------------------------------------
 
 def test_ex_3_2_notebook():
@@ -193,6 +197,10 @@ def test_ex_3_2_notebook():
 
 def test_ex_4_1_notebook():
     run_notebook("4.1")
+
+
+def test_ex_4_2_notebook():
+    run_notebook("4.2")
 
 
 # ---------------------------------------------------------------------------

@@ -21,8 +21,8 @@ FLOORS = {
                "objectives", "generation"),
     "data": ("tokenizer", "wordpiece", "image", "world", "questions", "hf"),
     "training": ("optim", "checkpoint", "train", "train_blip2", "evaluate", "evaluate_blip2",
-                 "report", "capfilt"),
-    "experiments": ("demo", "blip2_pipeline", "capfilt_experiment"),
+                 "report", "capfilt", "diagrams"),
+    "experiments": ("demo", "blip2_pipeline", "capfilt_experiment", "tour"),
     "cli": ("__main__", "exercises"),
 }
 ORDER = list(FLOORS)

@@ -96,6 +96,13 @@ EXERCISES: tuple[Exercise, ...] = (
         "transposing only the last two axes.",
         10, _tests("test_ex_2_2_notebook")),
     Exercise(
+        "2.3", "multi-head attention forward, from scratch", "02_attention",
+        ("notebooks/02_attention.ipynb::mha_forward",),
+        "Write self- and cross-attention with H heads in NumPy alone: projections, the head "
+        "split, the scaled scores, a boolean mask (a fully masked row gives zeros), the "
+        "softmax, the head merge and the output projection.",
+        30, _tests("test_ex_2_3_notebook")),
+    Exercise(
         "3.1", "patch embedding as reshape plus matmul", "03_vit_patch_embedding",
         ("minblip/vit.py::patchify",),
         "Cut images into p x p patches with one reshape and one transpose, in the pixel "
@@ -112,6 +119,14 @@ EXERCISES: tuple[Exercise, ...] = (
         "Scatter-add into the word table with np.add.at (ids repeat) and reduce the position "
         "table's gradient over the batch it was broadcast over.",
         15, _tests("test_ex_4_1_notebook")),
+    Exercise(
+        "4.2", "capstone: the whole backward of a BERT layer with cross-attention",
+        "04_text_transformer",
+        ("notebooks/04_text_transformer.ipynb::postnorm_block_backward",),
+        "Back-propagate through a post-norm block from its parts (three residual sub-blocks, "
+        "dropout, cross-attention's two inputs), gradient-check it, and train a tiny "
+        "image-grounded decoder whose layer is yours.",
+        45, _tests("test_ex_4_2_notebook")),
     Exercise(
         "5.1", "the ITC loss and its backward", "05_itc",
         ("minblip/objectives.py::itc_forward", "minblip/objectives.py::itc_backward"),
