@@ -61,7 +61,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help=f"what the text encoder and decoder share (default {d.sharing})")
     p.add_argument("--save-every", dest="checkpoint_every", type=_int_at_least(0), metavar="N",
                    help=f"write the checkpoint every N steps, and at the end; 0: at the end "
-                        f"only (default {d.checkpoint_every})")
+                        f"only (the run's checkpoint_every; default {d.checkpoint_every})")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even if OUT holds another run's checkpoint, which "
                         "the new run replaces at its first save")
