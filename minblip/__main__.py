@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,40 +18,91 @@ import numpy as np
 DEMO_LONG_STEPS = 8000
 
 
-def _train_options(p: argparse.ArgumentParser, steps_default: int | None) -> None:
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``, or argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+# The options of a BLIP pretraining run, by TrainConfig field. Their default is
+# None, so that `train --resume` can tell an option given from one left out.
+_RUN_OPTIONS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "n_train", "n_test",
+                "width", "depth", "sharing", "checkpoint_every")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
     d = TrainConfig()
-    p.add_argument("--steps", type=int, default=steps_default or d.steps,
-                   help="optimiser steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="image-caption pairs per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=None,
+    p.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"image-caption pairs per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup-steps", type=int,
                    help=f"linear warmup steps (default: {d.warmup_steps} or a tenth of the "
                         f"steps, whichever is fewer)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the data, the initialisation and the sampling (default %(default)s)")
-    p.add_argument("--n-train", type=int, default=d.n_train,
-                   help="training images in the generated world (default %(default)s)")
-    p.add_argument("--n-test", type=int, default=d.n_test,
-                   help="held-out test pairs, all different scenes (default %(default)s)")
-    p.add_argument("--width", type=int, default=d.width,
-                   help="width of the ViT and the text transformer (default %(default)s)")
-    p.add_argument("--depth", type=int, default=d.depth, help="layers in each (default %(default)s)")
-    p.add_argument("--sharing", default=d.sharing,
-                   choices=["all_but_self_attention", "all", "none"],
-                   help="what the text encoder and decoder share (default %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0),
+                   help=f"seed of the data, the initialisation and the sampling "
+                        f"(default {d.seed})")
+    p.add_argument("--n-train", type=int,
+                   help=f"training images in the generated world (default {d.n_train})")
+    p.add_argument("--n-test", type=int,
+                   help=f"held-out test pairs, all different scenes (default {d.n_test})")
+    p.add_argument("--width", type=int,
+                   help=f"width of the ViT and the text transformer (default {d.width})")
+    p.add_argument("--depth", type=int, help=f"layers in each (default {d.depth})")
+    p.add_argument("--sharing", choices=["all_but_self_attention", "all", "none"],
+                   help=f"what the text encoder and decoder share (default {d.sharing})")
+    p.add_argument("--save-every", dest="checkpoint_every", type=_int_at_least(0), metavar="N",
+                   help=f"write the checkpoint every N steps, and at the end; 0: at the end "
+                        f"only (the run's checkpoint_every; default {d.checkpoint_every})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if OUT holds another run's checkpoint, which "
+                        "the new run replaces at its first save")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _given_options(args) -> dict:
+    """{TrainConfig field: value} of the run options given on the command line."""
+    return {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
 
 
 def _config_from(args):
     from .train import TrainConfig
-    warmup = args.warmup_steps
-    if warmup is None:
-        warmup = min(TrainConfig.warmup_steps, args.steps // 10)
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       warmup_steps=warmup,
-                       n_train=args.n_train, n_test=args.n_test, width=args.width,
-                       depth=args.depth, sharing=args.sharing)
+    given = _given_options(args)
+    if "warmup_steps" not in given:
+        steps = given.get("steps", TrainConfig.steps)
+        given["warmup_steps"] = min(TrainConfig.warmup_steps, steps // 10)
+    return TrainConfig(**given)
+
+
+def _refuse_to_replace(checkpoint: Path, overwrite: bool, how_to_continue: str) -> None:
+    """A new run in a folder holding another run's checkpoint needs --overwrite."""
+    from .checkpoint import read_header
+    if overwrite or not checkpoint.exists():
+        return
+    try:
+        header = read_header(checkpoint)
+        what = (f"the checkpoint of another run (step {header['step']} of "
+                f"{header['config'].get('steps', '?')})")
+    except ValueError:
+        what = "a file that is not a readable checkpoint"
+    raise ValueError(f"{checkpoint} holds {what}; {how_to_continue}, or pass --overwrite to "
+                     f"start a new run that replaces it at its first save")
+
+
+def _check_writable(checkpoint: Path, trainer) -> None:
+    """Write and remove a file of the checkpoint's size where it will go, before
+    step 1: a read-only, full or mistyped folder fails now, not after training."""
+    from .files import probe_writable
+    # a checkpoint holds each trainable Param and AdamW's two moments of it
+    probe_writable(checkpoint, 3 * sum(p.data.nbytes for p in trainer.optimizer.params))
 
 
 def _print_table(metrics: dict) -> None:
@@ -72,12 +125,13 @@ def cmd_demo(args) -> int:
     from .train import blip_trainer
     cfg = _config_from(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _refuse_to_replace(out / "checkpoint.npz", args.overwrite, "choose another --out")
     print(f"minblip demo: {cfg.steps} steps of batch {cfg.batch_size} on {cfg.n_train} "
           f"generated images; report in {out}/")
     trainer = blip_trainer(cfg)
+    _check_writable(out / "checkpoint.npz", trainer)
     print(f"model: {trainer.model.param_count():,} parameters")
-    trainer.run(progress=not args.quiet, checkpoint_path=out / "checkpoint.npz")
+    trainer.run(progress=not args.quiet, checkpoint_path=out / "checkpoint.npz", log=print)
     metrics = write_demo_report(trainer, out)
     _print_table(metrics)
     print(f"\nwrote {out}/metrics.json, plots and checkpoint.npz")
@@ -85,24 +139,39 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import read_config
     from .train import blip_trainer, resume_blip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint.npz"
+    ckpt = Path(args.out) / "checkpoint.npz"
     if args.resume:
-        trainer = resume_blip(ckpt)
-        print(f"resuming {ckpt} at step {trainer.step} of {trainer.cfg.steps}")
+        if args.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
+                             "give one of them")
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume; leave out --resume to "
+                                    f"start a new run there")
+        saved = read_config(ckpt)
+        trainer = resume_blip(ckpt, changes=_given_options(args))
+        changed = [f"{key} {saved.get(key)!r} -> {value!r}"
+                   for key, value in trainer.cfg.to_dict().items() if saved.get(key) != value]
+        print(f"resuming {ckpt} at step {trainer.step} of {trainer.cfg.steps}"
+              + (f"; changed: {', '.join(changed)}" if changed else ""))
     else:
+        _refuse_to_replace(ckpt, args.overwrite, "continue it with --resume")
         trainer = blip_trainer(_config_from(args))
-    trainer.run(progress=not args.quiet, checkpoint_path=ckpt)
+    _check_writable(ckpt, trainer)
+    trainer.run(progress=not args.quiet, checkpoint_path=ckpt, log=print)
     print(f"saved {ckpt} (step {trainer.step}, {trainer.train_seconds:.1f} s of training)")
     return 0
 
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_split
-    from .files import write_json_atomic
+    from .files import probe_writable, write_json_atomic
     from .train import build_dataset, load_model
+    if args.out:  # before the evaluation, not after it
+        if Path(args.out).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder", args.out)
+        probe_writable(args.out)
     model, tok, cfg = load_model(args.checkpoint)
     data = build_dataset(cfg)
     split = getattr(data, args.split)
@@ -217,18 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job: generate the built-in world, pretrain a tiny "
                                    "BLIP (ITC + ITM + LM) on it, evaluate retrieval, matching and "
                                    "captioning on held-out scenes, and write a report folder.")
-    _train_options(p, None)
+    _train_options(p)
     p.add_argument("--long", action="store_true",
                    help=f"train {DEMO_LONG_STEPS} steps instead (under 15 minutes on two cores)")
     p.add_argument("--out", default="runs/demo", help="report folder (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="pretrain and save a checkpoint (resumable)")
-    _train_options(p, None)
+    _train_options(p)
     p.add_argument("--out", required=True, help="folder for checkpoint.npz")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.npz; only --steps (more of them) and "
+                        "--save-every may differ from the saved run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split of the built-in world")
@@ -246,14 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "model.safetensors, vocab.txt")
     p.add_argument("--method", default="beam", choices=["beam", "greedy", "nucleus"])
     p.add_argument("--prompt", default="", help="text the caption must start with")
-    p.add_argument("--seed", type=int, default=0, help="seed for nucleus sampling")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for nucleus sampling")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("retrieve", help="rank image files for a text query")
     p.add_argument("images", nargs="+")
     p.add_argument("--text", required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_int_at_least(1), default=5,
+                   help="how many of the ranked images to print (default %(default)s)")
     p.set_defaults(func=cmd_retrieve)
 
     from .capfilt import CapFiltConfig
@@ -347,16 +417,63 @@ def keep_freed_memory() -> None:
         pass
 
 
+# What to do about a file-system error, by errno: the message names the path too.
+_WHAT_TO_DO = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "choose another path, or remove what is there",
+    errno.EISDIR: "give the path of a file, not of a folder",
+    errno.ENOTDIR: "it, or a folder on the way to it, is a file: choose another path",
+    errno.EACCES: "choose a place you may write to, or change its permissions",
+    errno.EPERM: "choose a place you may write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.ENOSPC: "free some space or choose another disk; the file there, if any, is unchanged",
+}
+
+EXIT_BAD_INPUT = 2     # a bad option, file or path, and every file-system error
+EXIT_DIVERGED = 3      # training diverged: stopped before a NaN reached any weight or file
+EXIT_INTERRUPTED = 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error: the path, what went wrong, what to do."""
+    if err.errno is None or err.filename is None:
+        return str(err)  # raised with a whole message, which names its path
+    path = os.fspath(err.filename)
+    if err.filename2 is not None:
+        path = f"{path} -> {os.fspath(err.filename2)}"
+    advice = _WHAT_TO_DO.get(err.errno)
+    return f"{path}: {err.strerror}" + (f"; {advice}" if advice else "")
+
+
 def main(argv=None) -> int:
+    """Run one subcommand. Every error the user can cause ends in one line on
+    stderr and a non-zero exit code, never a traceback: a bad option, file or
+    path (including every file-system error: a folder that exists, is read-only,
+    is full, is a file) exits 2, a diverged training 3, an interrupt 130."""
+    from .train import TrainingDiverged
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     if getattr(args, "long", False):
         args.steps = DEMO_LONG_STEPS
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except TrainingDiverged as err:
+        return _fail(str(err), EXIT_DIVERGED)
+    except OSError as err:
+        return _fail(describe_os_error(err), EXIT_BAD_INPUT)
+    except MemoryError as err:
+        return _fail(f"out of memory: {err}; try smaller options", EXIT_BAD_INPUT)
+    except ValueError as err:
+        return _fail(str(err), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return _fail("interrupted; every file written so far is complete (each write is "
+                     "atomic), and 'train --resume' continues a training from its last "
+                     "checkpoint", EXIT_INTERRUPTED)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

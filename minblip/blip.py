@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .core import Module, Param, check_float
+from .core import Module, Param, check_finite, check_float
 from .layers import Linear
-from .objectives import (NextTokenLoss, check_negatives, hard_negative_weights, itc_backward,
-                         itc_forward, itm_labels, sample_negatives)
+from .objectives import (NextTokenLoss, check_negatives, check_prompt_length,
+                         hard_negative_weights, itc_backward, itc_forward, itm_labels,
+                         sample_negatives)
 from .softmax import CrossEntropyLoss, L2Normalize, softmax
 from .text import SHARING_MODES, TextConfig, build_med
 from .vit import ViTConfig, VisionTransformer
@@ -151,12 +152,13 @@ def pretrain_step(model: BLIP, images, ids, mask, *, cls_id: int, enc_id: int, d
     with soft-target weight ``alpha``. The caller zeroes gradients and clamps
     the temperature beforehand (``model.clamp_temperature()``).
     """
-    check_float(images, "images")
+    check_finite(check_float(images, "images"), "images")
     ids = np.asarray(ids)
     mask = np.asarray(mask)
     if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[0] != images.shape[0]:
         raise ValueError(f"pretrain_step: expected ids and mask (B, T) with B = {images.shape[0]} "
                          f"images, got ids {ids.shape} and mask {mask.shape}")
+    check_prompt_length(prompt_length, ids.shape[1], "pretrain_step")
     B = ids.shape[0]
     w_itc, w_itm, w_lm = weights
     use_itm = w_itm != 0.0 and B >= 2  # a batch of one has no negative to match against

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .core import Module, Param, check_float, check_ndim
+from .core import Module, Param, check_finite, check_float, check_ndim
 from .layers import LayerNorm, Linear
 from .objectives import (NextTokenLoss, blip2_negative_weights, check_negatives, itc_max_backward,
                          itc_max_forward, itm_labels, sample_negatives)
@@ -139,9 +139,9 @@ class Blip2Stage1(Module):
             raise ValueError("pass exactly one of images (B, 3, H, W) and image_features "
                              "(B, 1+P, Dv)")
         if image_features is None:
-            check_float(images, "images")
+            check_finite(check_float(images, "images"), "images")
             return self.visual_encoder.forward(images.astype(self.dtype, copy=False))[0]
-        check_float(image_features, "image_features")
+        check_finite(check_float(image_features, "image_features"), "image_features")
         check_ndim(image_features, 3, "image_features", "(B, 1+P, Dv)")
         if image_features.shape[-1] != self.cfg.vision.width:
             raise ValueError(f"image_features: expected width {self.cfg.vision.width}, "

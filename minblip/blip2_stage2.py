@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core import Module, check_float
+from .core import Module, check_finite, check_float
 from .layers import LayerNorm, Linear
 from .lm import LanguageModel
-from .objectives import NextTokenLoss, causal_lm_targets
+from .objectives import NextTokenLoss, causal_lm_targets, check_prompt_length
 from .qformer import QFormer, QFormerConfig
 from .vit import VisionTransformer
 
@@ -195,8 +195,8 @@ def stage2_step(model: Blip2Stage2, images, ids, mask, *, image_embeds=None,
     """
     if (images is None) == (image_embeds is None):
         raise ValueError("stage2_step: give images or image_embeds (one of them)")
-    check_float(images if image_embeds is None else image_embeds,
-                "images" if image_embeds is None else "image_embeds")
+    given, name = (images, "images") if image_embeds is None else (image_embeds, "image_embeds")
+    check_finite(check_float(given, name), name)
     ids, mask = np.asarray(ids), np.asarray(mask)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"stage2_step: expected integer token ids, got dtype {ids.dtype}")
@@ -206,9 +206,7 @@ def stage2_step(model: Blip2Stage2, images, ids, mask, *, image_embeds=None,
     n_images = (images if image_embeds is None else image_embeds).shape[0]
     if ids.shape[0] != n_images:
         raise ValueError(f"stage2_step: {ids.shape[0]} texts for {n_images} images")
-    if not 0 <= prompt_length <= ids.shape[1]:
-        raise ValueError(f"stage2_step: prompt_length must be in [0, {ids.shape[1]}], "
-                         f"got {prompt_length}")
+    check_prompt_length(prompt_length, ids.shape[1], "stage2_step")
     lm = model.language_model
     Q = model.num_queries
 

@@ -20,17 +20,24 @@ a temporary file in the same folder, flushed to disk, then renamed over ``path``
 A crash at any point leaves either the old checkpoint or the new one, never a
 torn file.
 Loading checks everything (format, version, configuration, names, shapes,
-optimiser state) before it changes anything.
+optimiser state) before it changes anything. Every array's ``.npy`` header is
+read first and must account for exactly the bytes the archive stores, so a
+forged header cannot make NumPy allocate more than the file holds;
+:func:`read_header` gives the configuration and the stored shapes without
+reading any array, so a caller can check a configuration before building a
+model from it. NaN or inf weights are neither saved nor loaded.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import zipfile
 
 import numpy as np
 
-from .core import Module
+from .core import Module, nonfinite_params
 from .files import write_atomic
 from .optim import AdamW
 
@@ -38,6 +45,9 @@ FORMAT_MARKER = "minblip-checkpoint"
 FORMAT_VERSION = 1
 _PARAM = "param/"
 _OPTIM = "optim/"
+# A stored configuration is a few hundred bytes of JSON; anything far larger is
+# not one, and is refused before it is read.
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 def _to_json(value, what: str) -> str:
@@ -98,30 +108,79 @@ def save_checkpoint(path, model: Module, config: dict, step: int,
         "config": np.array(_to_json(config, "config")),
         "extra": np.array(_to_json(extra, "extra")),
     }
-    for name, p in model.named_params(include_frozen=include_frozen):
+    named = model.named_params(include_frozen=include_frozen)
+    optim_state = optimizer.state_dict() if optimizer is not None else {}
+    bad = nonfinite_params(named) + nonfinite_params(
+        (f"optimiser {key}", value) for key, value in optim_state.items())
+    if bad:
+        raise ValueError(f"not writing the checkpoint {os.fspath(path)} (step {step}): NaN or "
+                         f"inf in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                         f"the file on disk, if any, is unchanged")
+    for name, p in named:
         arrays[_PARAM + name] = p.data
-    if optimizer is not None:
-        for key, value in optimizer.state_dict().items():
-            arrays[_OPTIM + key] = value
+    for key, value in optim_state.items():
+        arrays[_OPTIM + key] = value
 
     write_atomic(path, lambda file: np.savez(file, **arrays))
+
+
+def _unreadable(path, err) -> ValueError:
+    return ValueError(
+        f"{path}: cannot read the checkpoint: the file is truncated, corrupt or not "
+        f"a .npz archive ({type(err).__name__}: {err})")
+
+
+def _array_headers(path: str) -> dict[str, tuple[tuple, np.dtype]]:
+    """{key: (shape, dtype)} of every array in the ``.npz`` at ``path``, read from
+    the zip directory and each ``.npy`` header only: no array data is read.
+
+    Each header must account for exactly the bytes stored for it (shape
+    product times item size, in Python integers: no overflow), and no array
+    may hold Python objects; a ValueError names the file and the key.
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            magic = file.read(6)
+        if magic == b"\x93NUMPY":
+            raise ValueError(f"{path}: not a minblip checkpoint (a single .npy array, not a .npz)")
+        raise _unreadable(path, ValueError("not a zip archive"))
+    entries = []  # (archive key, shape, dtype, bytes stored after the header)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(member)
+                    key = info.filename.removesuffix(".npy")
+                    entries.append((key, shape, dtype, info.file_size - member.tell()))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise _unreadable(path, err) from None
+    headers = {}
+    for key, shape, dtype, stored in entries:
+        if dtype.hasobject:
+            raise ValueError(f"{path}: array {key!r} holds Python objects ({dtype}); "
+                             f"checkpoints hold plain numbers and text only")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != stored:
+            raise ValueError(f"{path}: array {key!r}: its header says shape {shape} {dtype} "
+                             f"({nbytes:,} bytes), the archive stores {stored:,} bytes")
+        headers[key] = (shape, dtype)
+    return headers
 
 
 def _read_archive(path: str) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``path``, or a ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    _array_headers(path)  # every header fits the bytes stored: no allocation beyond the file
     try:
-        archive = np.load(path, allow_pickle=False)
-        if isinstance(archive, np.lib.npyio.NpzFile):
-            with archive:
-                # reading every member now checks every CRC before anything is used
-                return {key: archive[key] for key in archive.files}
+        with np.load(path, allow_pickle=False) as archive:
+            # reading every member now checks every CRC before anything is used
+            return {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise ValueError(
-            f"{path}: cannot read the checkpoint: the file is truncated, corrupt or not "
-            f"a .npz archive ({type(e).__name__}: {e})") from None
-    raise ValueError(f"{path}: not a minblip checkpoint (a single .npy array, not a .npz)")
+        raise _unreadable(path, e) from None
 
 
 def _config_diff(expected: dict, found: dict) -> list[str]:
@@ -207,6 +266,13 @@ def load_checkpoint(path, model: Module, config: dict | None = None,
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
+    bad = nonfinite_params((n, stored[n]) for n in names) + nonfinite_params(
+        (f"optimiser {k}", v) for k, v in (optim_state.items() if optimizer is not None else ()))
+    if bad:
+        raise ValueError(f"{path}: NaN or inf in {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}: these weights are unusable (a "
+                         f"run that diverged writes such values); use an earlier checkpoint")
+
     for name, p in named:
         p.data[...] = stored[name]
     if optimizer is not None:
@@ -214,25 +280,57 @@ def load_checkpoint(path, model: Module, config: dict | None = None,
     return {"step": step, "config": stored_config, "extra": extra}
 
 
-def read_config(path) -> dict:
-    """The configuration stored in the checkpoint at ``path``, without loading its
-    weights; a FileNotFoundError or a ValueError naming the file otherwise."""
+def read_header(path) -> dict:
+    """What the checkpoint at ``path`` holds, without reading its weights:
+    ``{"config": dict, "step": int, "arrays": {key: (shape, dtype)}}``, the
+    arrays by their archive keys (``param/<name>``, ``optim/<key>``, ...).
+
+    Only the zip directory, the ``.npy`` headers and the small metadata arrays
+    are read, so a caller can check a stored configuration against the stored
+    shapes, in milliseconds, before it builds anything from it. Raises
+    FileNotFoundError, or a ValueError naming the file: not a minblip
+    checkpoint, another format version, a header that does not fit its bytes,
+    a configuration that is not a JSON object.
+    """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a checkpoint file", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at '{path}'")
+    arrays = _array_headers(path)
+    for key, kind in (("__format__", "U"), ("__version__", "i"), ("step", "i"), ("config", "U")):
+        if key not in arrays or arrays[key][0] != () or arrays[key][1].kind != kind:
+            raise ValueError(f"{path}: not a minblip checkpoint (no scalar {key!r}); it holds "
+                             f"{sorted(arrays)[:8]}")
+    if arrays["config"][1].itemsize > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: its stored config is {arrays['config'][1].itemsize:,} bytes, "
+                         f"more than any configuration ({_MAX_CONFIG_BYTES:,})")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"'{path}' is not a readable checkpoint ({err})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"'{path}' is a single array, not a minblip checkpoint")
-    with archive:
-        if "config" not in archive.files:
-            raise ValueError(f"'{path}' is not a minblip checkpoint (no config)")
-        try:
-            return json.loads(str(archive["config"]))
-        except ValueError as err:
-            raise ValueError(f"'{path}': its stored config is not valid JSON ({err})") from None
+        with np.load(path, allow_pickle=False) as archive:
+            marker, version = str(archive["__format__"]), int(archive["__version__"])
+            step, text = int(archive["step"]), str(archive["config"])
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise _unreadable(path, e) from None
+    if marker != FORMAT_MARKER:
+        raise ValueError(f"{path}: not a minblip checkpoint (marker {marker!r})")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version}, this minblip reads "
+                         f"version {FORMAT_VERSION}")
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: its stored config is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its stored config must be a JSON object of options, got "
+                         f"{type(config).__name__}")
+    return {"config": config, "step": step, "arrays": arrays}
+
+
+def read_config(path) -> dict:
+    """The configuration stored in the checkpoint at ``path``, without loading its
+    weights (:func:`read_header`); a FileNotFoundError or a ValueError naming
+    the file otherwise."""
+    return read_header(path)["config"]
 
 
 def rng_state(rng: np.random.Generator) -> dict:

@@ -250,6 +250,32 @@ def check_token_matrix(ids, vocab_size: int, name: str) -> np.ndarray:
     return ids
 
 
+def check_finite(x: np.ndarray, name: str) -> np.ndarray:
+    """Require a float array with no NaN or inf. A NaN pixel or feature would
+    otherwise turn the loss, every gradient and then every weight into NaN
+    without a word; the message counts the bad values and gives the first."""
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = tuple(int(i) for i in bad[0])
+        raise ValueError(f"{name}: expected finite values, got {len(bad)} NaN or inf of "
+                         f"{x.size} (the first at index {first}: {x[first]})")
+    return x
+
+
+def nonfinite_params(named_params) -> list[str]:
+    """``[(name, Param or array), ...]`` -> "name (k of n values)" for each one
+    that holds a NaN or an inf (an empty list when every value is finite)."""
+    out = []
+    for name, p in named_params:
+        data = p.data if isinstance(p, Param) else np.asarray(p)
+        if data.dtype.kind == "f":
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if bad:
+                out.append(f"{name} ({bad} of {data.size} values)")
+    return out
+
+
 def check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
     """Require an integer array of token ids in [0, vocab_size)."""
     ids = np.asarray(ids)

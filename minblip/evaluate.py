@@ -12,10 +12,11 @@ import numpy as np
 
 from . import world
 from .blip import BLIP
+from .core import check_finite, check_float
 from .generation import generate
 from .image import preprocess
 from .softmax import softmax
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, prompt_ids
 
 
 def _batches(n: int, size: int):
@@ -148,15 +149,16 @@ def match_probability(model: BLIP, tokenizer: Tokenizer, pixels, captions,
 def caption_images(model: BLIP, tokenizer: Tokenizer, pixels, method: str = "beam",
                    prompt: str = "", max_length: int = 20, min_length: int = 5,
                    rng: np.random.Generator | None = None, batch_size: int = 64) -> list[str]:
-    """One caption per image. The prompt (BLIP's captioner uses "a picture of")
-    is fed after [DEC] and stripped from the output."""
-    prompt_ids, _ = tokenizer.encode(prompt, max_length=max_length)
-    prompt_ids = prompt_ids[0, :-1].copy()  # drop [SEP]: generation continues the prompt
-    prompt_ids[0] = tokenizer.dec_id
+    """One caption per image of ``pixels`` (N, 3, H, W), finite. The prompt (BLIP's
+    captioner uses "a picture of") is fed after [DEC] and stripped from the
+    output; ``max_length`` counts it, and a prompt that fills it is refused."""
+    check_finite(check_float(pixels, "caption_images: pixels"), "caption_images: pixels")
+    start = prompt_ids(tokenizer, prompt)
+    start[0] = tokenizer.dec_id  # [DEC] a picture of
     texts = []
     for s in _batches(len(pixels), batch_size):
         embeds, _ = model.encode_image(pixels[s])
-        out = generate(model.text_decoder, embeds, prompt_ids, sep_id=tokenizer.sep_id,
+        out = generate(model.text_decoder, embeds, start, sep_id=tokenizer.sep_id,
                        method=method, max_length=max_length, min_length=min_length, rng=rng)
         texts += [tokenizer.decode(t) for t in out.tokens]
     return texts

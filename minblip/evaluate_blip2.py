@@ -26,7 +26,7 @@ from .generation import generate
 from .image import preprocess
 from .lm import LanguageModel, SoftPromptDecoder
 from .questions import QUESTION_KINDS, answer_choices, qa_text, scene_questions
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, prompt_ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,10 +134,8 @@ def generate_text(lm: LanguageModel, tokenizer: Tokenizer, prefix_embeds=None, p
     if unknown:
         raise ValueError(f"suppress_words: {unknown} are not in the vocabulary")
     suppress = [tokenizer.token_to_id(w) for w in suppress_words]
-    prompt_ids, _ = tokenizer.encode(prompt, max_length=max_length)
-    prompt_ids = prompt_ids[0, :-1]  # drop [SEP]: generation continues the prompt
-    out = generate(SoftPromptDecoder(lm, suppress), prefix_embeds, prompt_ids,
-                   sep_id=tokenizer.sep_id,
+    out = generate(SoftPromptDecoder(lm, suppress), prefix_embeds,
+                   prompt_ids(tokenizer, prompt), sep_id=tokenizer.sep_id,
                    method=method, max_length=max_length, min_length=min_length,
                    num_beams=num_beams, top_p=top_p, repetition_penalty=repetition_penalty,
                    rng=rng)

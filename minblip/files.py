@@ -14,11 +14,16 @@ and captions) all go through :func:`write_atomic`:
 The temporary file is created with mode ``0o666`` minus the umask, the mode of
 any file the process creates with ``open``, never ``tempfile.mkstemp``'s private
 ``0o600``. If the write fails or is interrupted, the temporary file is removed
-and the target is left as it was. A process killed outright can leave a
-temporary file behind; :func:`remove_stale_temps` clears them.
+and the target is left as it was; an OSError about the temporary file (a
+full disk, a read-only folder) names the target. A process killed outright can
+leave a temporary file behind; :func:`remove_stale_temps` clears them.
+
+:func:`probe_writable` writes and removes such a temporary file before a long
+job starts, so a folder that cannot take the job's result fails at once.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -38,12 +43,7 @@ def write_atomic(path, write: Callable, *, binary: bool = True) -> None:
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking an open file, got {type(write).__name__}")
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")
-    # 0o666 leaves the permissions to the umask, as for any new file; O_EXCL
-    # never reuses another writer's temporary file.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    handle = os.open(temporary, flags, 0o666)
+    temporary, handle = _open_temporary(path)
     try:
         mode, encoding = ("wb", None) if binary else ("w", "utf-8")
         with open(handle, mode, encoding=encoding) as file:
@@ -51,18 +51,68 @@ def write_atomic(path, write: Callable, *, binary: bool = True) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.remove(temporary)
         except FileNotFoundError:
             pass
-        raise
+        _raise_naming(err, path, temporary)
     if os.name == "posix":  # the rename itself is on disk too; Windows cannot fsync a folder
-        folder_handle = os.open(folder, os.O_RDONLY)
+        folder_handle = os.open(os.path.dirname(temporary), os.O_RDONLY)
         try:
             os.fsync(folder_handle)
         finally:
             os.close(folder_handle)
+
+
+def _open_temporary(path) -> tuple[str, int]:
+    """A new temporary file ``.<name>.<16 hex digits>.tmp`` next to ``path``:
+    (its path, an open writable handle)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")
+    # 0o666 leaves the permissions to the umask, as for any new file; O_EXCL
+    # never reuses another writer's temporary file.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        return temporary, os.open(temporary, flags, 0o666)
+    except OSError as err:
+        _raise_naming(err, path, temporary)
+
+
+def _raise_naming(err: BaseException, path, temporary: str):
+    """Re-raise ``err``; an OSError about the temporary file, or about no file (a
+    full disk during ``write``), as the same error about ``path``: the name the
+    caller knows."""
+    if (isinstance(err, OSError) and err.errno is not None
+            and err.filename in (None, temporary)):
+        raise type(err)(err.errno, err.strerror, os.fspath(path)) from err
+    raise err
+
+
+def probe_writable(path, nbytes: int = 1) -> None:
+    """Check now that ``path`` can be written, as :func:`write_atomic` will write it:
+    create its folder (and parents) if needed, write ``nbytes`` zero bytes to a
+    temporary file beside it, fsync, and remove it. A read-only or full disk, a
+    folder without write permission or a path through a file raises the OSError
+    here, naming ``path``, before any work whose result would be lost. A probe
+    killed halfway leaves a temporary file that :func:`remove_stale_temps`
+    (``path``) removes. ``path`` itself is never created or changed."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder)
+    os.makedirs(folder, exist_ok=True)  # an error names the part of the path that failed
+    temporary, handle = _open_temporary(path)
+    try:
+        with open(handle, "wb") as file:
+            chunk = bytes(min(nbytes, 1 << 20))
+            for start in range(0, nbytes, len(chunk) or 1):
+                file.write(chunk[:nbytes - start])
+            file.flush()
+            os.fsync(file.fileno())  # a delayed allocation fails here on a full disk
+    except OSError as err:
+        _raise_naming(err, path, temporary)
+    finally:
+        os.remove(temporary)
 
 
 def write_bytes_atomic(path, data: bytes) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .core import check_finite
 from .softmax import log_softmax, softmax
 
 METHODS = ("greedy", "beam", "nucleus")
@@ -99,12 +100,15 @@ def _check(image_embeds, prompt_ids, max_length, min_length, method):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if image_embeds.ndim != 3:
         raise ValueError(f"image_embeds: expected (B, S, D), got shape {image_embeds.shape}")
+    # NaN image features give NaN logits, and every caption comes out empty
+    check_finite(image_embeds, "generate: image_embeds (NaN or inf pixels or weights upstream)")
     prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.ndim != 1 or prompt_ids.size == 0:
         raise ValueError(f"prompt_ids: expected a non-empty 1-d array, got shape {prompt_ids.shape}")
     if not prompt_ids.size < max_length:
-        raise ValueError(f"max_length ({max_length}) counts the prompt and must exceed its "
-                         f"{prompt_ids.size} tokens")
+        raise ValueError(f"the prompt is {prompt_ids.size} tokens with its start token, and "
+                         f"max_length ({max_length}) counts them: it must be longer, or the "
+                         f"prompt shorter")
     if min_length > max_length:
         raise ValueError(f"min_length {min_length} > max_length {max_length}")
     return prompt_ids

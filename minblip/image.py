@@ -11,9 +11,19 @@ image calls pillow's ``Image.resize`` with the same filter, so the pixels agree.
 The resize ignores the aspect ratio (a 512x600 photo is squashed to a square),
 exactly as BLIP's evaluation does. The training augmentations
 (RandomResizedCrop, flips, RandAugment) are left out.
+
+Where pillow's ``convert('RGB')`` would decode an image wrongly, preprocessing
+converts it itself: a 16-bit greyscale image (modes ``I;16*``, and ``I`` holding
+16-bit values) is scaled by 255/65535 where pillow clips every value above 255
+to white, and a float image (mode ``F``) in [0, 1] is scaled by 255 where
+pillow truncates it to black. An image with no pixels, a file pillow cannot
+decode and one larger than pillow's decompression-bomb limit
+(``PIL.Image.MAX_IMAGE_PIXELS``) are refused with one line naming the file.
 """
 from __future__ import annotations
 
+import errno
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +35,58 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
+_SIXTEEN_BIT_MAX = 65535
+
+
 def _load(path) -> Image.Image:
     """Open an image file and decode it now, so a broken file fails here, by name."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not an image file", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"preprocess: no image file at '{path}'")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        with warnings.catch_warnings():
+            # pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"preprocess: '{path}' is too large to decode safely ({err}); "
+                         f"shrink the image first") from None
+    except PermissionError:
+        raise  # a file-system error, with its path: not a problem of the image
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"preprocess: cannot read '{path}' as an image ({err})") from None
+
+
+def _to_rgb(im: Image.Image, where: str) -> Image.Image:
+    """A PIL image of any mode -> an 8-bit RGB image, scaled rightly.
+
+    ``convert('RGB')`` does it for 8-bit modes (grey copied to the three
+    channels, an alpha channel dropped as BLIP's datasets drop it, palettes
+    expanded, CMYK / YCbCr / LAB converted). High-depth modes are scaled here
+    instead: ``I;16*`` and an ``I`` image with values in [0, 65535] (16-bit
+    greyscale, as pillow opens it from PNG or TIFF) by 255/65535, a float ``F``
+    image in [0, 1] by 255, both rounded. ``I`` or ``F`` values outside those
+    ranges have no known scale and are refused, as is an image with no pixels.
+    """
+    if im.width == 0 or im.height == 0:
+        raise ValueError(f"preprocess: {where} has no pixels ({im.width}x{im.height})")
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        values = np.asarray(im, dtype=np.float64)  # (H, W), any byte order
+        top = 1.0 if im.mode == "F" else _SIXTEEN_BIT_MAX
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= top):
+            raise ValueError(f"preprocess: {where} is a mode-{im.mode} image with values in "
+                             f"[{low:g}, {high:g}]; expected [0, {top:g}] (16-bit grey or a "
+                             f"float image in [0, 1]): scale it to 8 bits first")
+        grey = np.rint(values * (255.0 / top)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # (H, W) uint8 is mode L
+    if im.mode == "La":  # pillow converts premultiplied grey + alpha only through LA
+        im = im.convert("LA")
+    return im.convert("RGB")
 
 
 def _to_pil(item, where: str) -> Image.Image:
@@ -63,11 +114,12 @@ def preprocess(images, image_size: int) -> np.ndarray:
 
     images: a PIL image, a file path (str or Path), a uint8 array (H, W, 3) or
     (B, H, W, 3), or a non-empty list of PIL images / paths / (H, W, 3) arrays
-    (sizes may differ). Every image is converted to RGB (grayscale is copied to
-    the three channels; an alpha channel is dropped, not composited, as
-    ``convert('RGB')`` does in BLIP's datasets; palettes are expanded), resized
-    to (image_size, image_size) with bicubic interpolation, scaled to [0, 1] and
-    normalised per channel with :data:`CLIP_MEAN` and :data:`CLIP_STD`.
+    (sizes may differ). Every image is converted to 8-bit RGB (grayscale is
+    copied to the three channels; an alpha channel is dropped, not composited,
+    as ``convert('RGB')`` does in BLIP's datasets; palettes are expanded; 16-bit
+    and float images are scaled to 8 bits), resized to (image_size, image_size)
+    with bicubic interpolation, scaled to [0, 1] and normalised per channel with
+    :data:`CLIP_MEAN` and :data:`CLIP_STD`.
 
     Returns a float32 array (B, 3, image_size, image_size), channels first.
     """
@@ -95,7 +147,8 @@ def preprocess(images, image_size: int) -> np.ndarray:
 
     batch = np.empty((len(items), image_size, image_size, 3), dtype=np.uint8)
     for i, (item, where) in enumerate(zip(items, names)):
-        im = _to_pil(item, where).convert("RGB")
+        im = _to_rgb(_to_pil(item, where), f"'{item}'" if isinstance(item, (str, Path))
+                    else where)
         # (s, s) is (width, height) for pillow and (height, width) for torchvision:
         # the same thing for a square
         batch[i] = np.asarray(im.resize((image_size, image_size), Image.BICUBIC))

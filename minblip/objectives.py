@@ -268,6 +268,16 @@ class NextTokenLoss(Module):
         return dlogits
 
 
+def check_prompt_length(prompt_length, T: int, where: str) -> None:
+    """``prompt_length`` (the leading text tokens no loss predicts) must be an int
+    in [0, T]. A negative one would slice from the end: ``labels[:, :-1]``
+    ignores every token but the last, and the step would train on that alone."""
+    if (isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer))
+            or not 0 <= prompt_length <= T):
+        raise ValueError(f"{where}: prompt_length must be an int in [0, {T}] (the text "
+                         f"length), got {prompt_length!r}")
+
+
 def causal_lm_targets(ids, attention_mask, n_prefix: int = 0, prompt_length: int = 0):
     """Labels for the whole sequence [prefix | text], as blip2_opt.py builds them:
 
@@ -281,6 +291,7 @@ def causal_lm_targets(ids, attention_mask, n_prefix: int = 0, prompt_length: int
     """
     ids = np.asarray(ids)
     mask = np.asarray(attention_mask)
+    check_prompt_length(prompt_length, ids.shape[-1], "causal_lm_targets")
     ### BEGIN SOLUTION
     targets = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int64)
     targets[:, :prompt_length] = IGNORE_INDEX

@@ -271,3 +271,15 @@ def encode_texts(tokenizer, texts, max_length: int, padding: str):
         ids[b, :len(r)] = r
         mask[b, :len(r)] = 1
     return ids, mask
+
+
+def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
+    """``[CLS] prompt`` as 1-d int64 ids for generation to continue: no ``[SEP]``,
+    and never cut, whatever its length (``encode`` would silently truncate it to
+    its ``max_length``; ``minblip.generation.generate`` instead refuses a prompt
+    that leaves no room under its ``max_length``, which counts the prompt).
+    ``tokenizer``: a :class:`Tokenizer` or a WordPiece tokenizer."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
+    ids, _ = tokenizer.encode(prompt, max_length=len(tokenizer.tokenize(prompt)) + 2)
+    return ids[0, :-1]

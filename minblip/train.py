@@ -8,6 +8,13 @@ schedule (LAVIS ``linear_warmup_cosine_lr``; BLIP itself decays per epoch) and
 records the step's scalars in one :class:`History`. It shows a progress bar,
 writes checkpoints, and resumes a run exactly.
 
+It guards every task the same way: a step whose loss or gradient norm is NaN
+or inf stops before the optimiser touches a weight (:class:`TrainingDiverged`
+names the step, the value and the last good checkpoint), a checkpoint is never
+written from NaN or inf weights (``minblip.checkpoint.save_checkpoint``
+refuses), and the temporary files of a save that was killed are removed when
+the next run starts.
+
 What is trained, and how, is a *task*: an object with
 
 * ``name`` (the progress bar's label) and ``config``, whose fields ``steps``,
@@ -27,14 +34,17 @@ ITC + ITM + LM each step), and in :mod:`minblip.train_blip2` BLIP-2's stage
 """
 from __future__ import annotations
 
+import math
+import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy as np
 
 from . import world
 from .blip import BLIP, BLIPConfig, pretrain_step
-from .checkpoint import load_checkpoint, read_config, rng_from_state, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, read_header, rng_from_state, rng_state, save_checkpoint
+from .files import remove_stale_temps
 from .image import preprocess
 from .optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from .text import TextConfig
@@ -76,12 +86,36 @@ class History:
         return {name: list(values) for name, values in self.curves.items()}
 
 
+class TrainingDiverged(RuntimeError):
+    """A training step gave a NaN or inf loss or gradient norm. The step was
+    stopped before the optimiser, so the weights are those of the step before.
+
+    ``step``: the step that failed; ``values``: {name: value} of the non-finite
+    scalars ("grad_norm" for the gradient norm); ``checkpoint``: (path, step) of
+    the last checkpoint the run wrote or resumed from, or None."""
+
+    def __init__(self, step: int, steps: int, values: dict, checkpoint):
+        self.step, self.values, self.checkpoint = step, values, checkpoint
+        what = ", ".join(("the gradient norm" if name == "grad_norm" else f"the loss {name!r}")
+                         + f" is {value}" for name, value in values.items())
+        last = (f"the last good checkpoint is {os.fspath(checkpoint[0])} (step {checkpoint[1]}), "
+                f"left as it was" if checkpoint is not None else "no checkpoint was written")
+        super().__init__(f"training diverged at step {step} of {steps}: {what}; the step was "
+                         f"stopped before the optimiser changed any weight and {last}. A "
+                         f"lower learning rate usually helps.")
+        self._arguments = (step, steps, values, checkpoint)
+
+    def __reduce__(self):  # rebuilt from its arguments when a worker process raises it
+        return type(self), self._arguments
+
+
 class Trainer:
     """The training loop around one task (see the module docstring).
 
     Owns the optimiser (AdamW over the task model's trainable Params), the
     task's two random generators, the step count and the history, so a run
-    can be saved and resumed exactly."""
+    can be saved and resumed exactly. ``last_checkpoint`` is (path, step) of
+    the checkpoint last saved or restored, or None."""
 
     def __init__(self, task):
         self.task = task
@@ -92,6 +126,7 @@ class Trainer:
         self.step = 0
         self.history = History()
         self.train_seconds = 0.0
+        self.last_checkpoint = None
 
     @property
     def cfg(self):
@@ -104,43 +139,66 @@ class Trainer:
                                 min_lr=min(cfg.min_lr, cfg.lr))
 
     def train_step(self) -> dict:
-        """One step; returns the task's scalars (losses) of this step."""
+        """One step; returns the task's scalars (losses) of this step. Raises
+        :class:`TrainingDiverged`, with every weight unchanged, when a scalar or
+        the gradient norm is NaN or inf."""
         batch = self.task.sample_batch(self.data_rng)
         self.optimizer.zero_grad()  # the optimiser's list of Params: no tree walk per step
-        scalars = self.task.step(batch, self.step_rng)  # forward, then the mirrored backward
-        grad_norm = clip_grad_norm(self.optimizer.params, self.task.config.grad_clip)
+        # NumPy's overflow warnings from inside a diverging step would only repeat, line
+        # by line, what the check below reports once, by name
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            scalars = self.task.step(batch, self.step_rng)  # forward, then the mirrored backward
+            grad_norm = clip_grad_norm(self.optimizer.params, self.task.config.grad_clip)
+        # AdamW would spread one NaN gradient into every weight it updates, and its
+        # moments would keep it: stop here, before the update
+        bad = {name: value for name, value in {**scalars, "grad_norm": grad_norm}.items()
+               if not math.isfinite(value)}
+        if bad:
+            raise TrainingDiverged(self.step, self.task.config.steps, bad, self.last_checkpoint)
         lr = self.lr_at(self.step)
         self.optimizer.step(lr=lr)
         self.history.append(step=self.step, **scalars, lr=lr, grad_norm=grad_norm)
         self.step += 1
         return scalars
 
-    def run(self, until: int | None = None, progress: bool = True, checkpoint_path=None):
+    def run(self, until: int | None = None, progress: bool = True, checkpoint_path=None,
+            log=None):
         """Train until step ``until`` (default: the configured number of steps),
         saving a checkpoint to ``checkpoint_path`` (if given) every
-        ``checkpoint_every`` steps of the config and at the end. Returns the history."""
+        ``checkpoint_every`` steps of the config and at the end. Returns the history.
+
+        Before the first step, the temporary files a killed save of
+        ``checkpoint_path`` left are removed (``log``, a callable taking a line
+        of text such as ``print``, is told which). A diverged step raises
+        :class:`TrainingDiverged` and saves nothing."""
         cfg = self.task.config
         until = cfg.steps if until is None else min(until, cfg.steps)
         every = getattr(cfg, "checkpoint_every", 0)
+        if checkpoint_path is not None:
+            for stale in remove_stale_temps(checkpoint_path):
+                if log is not None:
+                    log(f"removed {stale}, left by a save that was interrupted")
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=until, initial=self.step, desc=self.task.name, unit="step",
                        dynamic_ncols=True)
         start = time.perf_counter()
-        while self.step < until:
-            scalars = self.train_step()
+        try:
+            while self.step < until:
+                scalars = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()})
+                if (checkpoint_path is not None and every and self.step % every == 0
+                        and self.step < until):
+                    self.train_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save(checkpoint_path)
+        finally:  # a diverged step or an interrupt ends the bar's line before the message
+            self.train_seconds += time.perf_counter() - start
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()})
-            if (checkpoint_path is not None and every and self.step % every == 0
-                    and self.step < until):
-                self.train_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                self.save(checkpoint_path)
-        self.train_seconds += time.perf_counter() - start
-        if bar is not None:
-            bar.close()
+                bar.close()
         if checkpoint_path is not None:
             self.save(checkpoint_path)
         return self.history
@@ -160,6 +218,7 @@ class Trainer:
             extra.update(self.task.checkpoint_extra())
         save_checkpoint(path, self.model, self.task.config.to_dict(), self.step,
                         optimizer=self.optimizer, extra=extra)
+        self.last_checkpoint = (path, self.step)
 
     def restore(self, path) -> "Trainer":
         """Continue from the checkpoint at ``path``, written by :meth:`save` for a task
@@ -176,6 +235,7 @@ class Trainer:
                          else self.data_rng)
         self.history = History(extra["history"])
         self.train_seconds = float(extra["train_seconds"])
+        self.last_checkpoint = (path, self.step)
         return self
 
 
@@ -222,13 +282,17 @@ class TrainConfig:
 
     def __post_init__(self):
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        check_run_fields(self, ("steps", "batch_size", "n_train", "width", "depth", "heads"),
-                         "TrainConfig")
+        check_run_fields(self, ("steps", "batch_size", "n_train", "width", "depth", "heads",
+                                "image_size", "patch_size", "mlp_ratio", "embed_dim",
+                                "max_text_len"), "TrainConfig")
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds n_train {self.n_train}")
         if len(self.loss_weights) != 3:
             raise ValueError(f"loss_weights needs three numbers (ITC, ITM, LM), "
                              f"got {self.loss_weights}")
+        if not _is_kind(self.checkpoint_every, 0) or self.checkpoint_every < 0:
+            raise ValueError(f"TrainConfig.checkpoint_every: expected an int >= 0 (0: save "
+                             f"at the end only), got {self.checkpoint_every!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -254,8 +318,11 @@ class TrainConfig:
 
 
 def check_run_fields(cfg, positive_ints, what: str) -> None:
-    """The checks every run's config shares: the named fields are positive ints and
-    ``warmup_steps`` lies in [0, steps). A ValueError names the field and the value."""
+    """The checks every run's config shares: the named fields are positive ints,
+    ``warmup_steps`` lies in [0, steps), ``lr`` and ``grad_clip`` are finite and
+    positive, ``min_lr`` and ``weight_decay`` finite and >= 0 (a NaN learning
+    rate would make every weight NaN after one step). A ValueError names the
+    field and the value."""
     for name in positive_ints:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -263,13 +330,50 @@ def check_run_fields(cfg, positive_ints, what: str) -> None:
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise ValueError(f"{what}.warmup_steps must be in [0, steps={cfg.steps}), "
                          f"got {cfg.warmup_steps}")
+    for name, low in (("lr", "> 0"), ("grad_clip", "> 0"), ("min_lr", ">= 0"),
+                      ("weight_decay", ">= 0")):
+        v = getattr(cfg, name)
+        if (not _is_kind(v, 0.0) or v < 0 or (low == "> 0" and v == 0)):
+            raise ValueError(f"{what}.{name}: expected a finite number {low}, got {v!r}")
+
+
+def _is_kind(value, default) -> bool:
+    """Whether ``value`` may stand where a config field's ``default`` stands: an int
+    for an int, a finite int or float for a float, text for text, a list or
+    tuple of such for a tuple, true/false for a bool."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return (isinstance(value, (int, float, np.integer, np.floating))
+                and not isinstance(value, bool) and math.isfinite(value))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and (
+            not default or all(_is_kind(v, default[0]) for v in value))
+    return True
+
+
+_KIND_NAMES = ((bool, "true or false"), (int, "an integer"), (float, "a finite number"),
+               (str, "text"), (tuple, "a list"))
 
 
 def config_from_dict(cls, d: dict, what: str):
-    """``cls(**d)`` for a config dataclass, refusing keys it does not know by name."""
+    """``cls(**d)`` for a config dataclass read from a dict (a checkpoint, a JSON
+    file). A key it does not know, or a value of another kind than the field's
+    default (:func:`_is_kind`: ``"lr": "tiny"``, ``"width": 16.5``), is refused
+    with a ValueError naming the key and the value, before anything is built."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} options: expected a JSON object, got {type(d).__name__}")
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"unknown {what} options {unknown}")
+    for f in fields(cls):
+        if f.name in d and f.default is not MISSING and not _is_kind(d[f.name], f.default):
+            kind = next(name for t, name in _KIND_NAMES if isinstance(f.default, t))
+            raise ValueError(f"{what} option {f.name!r}: expected {kind}, got {d[f.name]!r}")
     return cls(**d)
 
 
@@ -362,18 +466,110 @@ def blip_trainer(cfg: TrainConfig | None = None, **task_options) -> Trainer:
     return Trainer(BlipPretraining(cfg or TrainConfig(), **task_options))
 
 
-def resume_blip(path, cfg: TrainConfig | None = None) -> Trainer:
+# What a resumed run may change: where it stops and how often it saves. Anything
+# else (the learning rate, the batch, the model, the data) would make it another run.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+def resumed_config(saved, step: int, changes: dict):
+    """The configuration of a run saved with config ``saved`` at ``step`` and
+    resumed with ``changes`` ({field: value}; a value equal to the saved one is
+    no change). Only :data:`RESUMABLE_CHANGES` may differ, and ``steps`` must
+    stay beyond ``step``; otherwise a ValueError lists every difference. A
+    longer run keeps its warmup and stretches the cosine decay to the new end
+    from ``step`` on. Returns the new config (``saved`` when nothing changes)."""
+    absent = object()
+    differ = {k: v for k, v in changes.items() if getattr(saved, k, absent) != v}
+    refused = [k for k in differ if k not in RESUMABLE_CHANGES]
+    if refused:
+        raise ValueError(
+            "options that differ from the saved run: "
+            + "; ".join(f"{k}: saved {getattr(saved, k, '<absent>')!r}, asked {differ[k]!r}"
+                        for k in refused)
+            + f". A resumed run may change only {' and '.join(RESUMABLE_CHANGES)}; resume "
+              f"without the others, or start a new run")
+    if "steps" in differ and differ["steps"] <= step:
+        raise ValueError(f"steps: the saved run is already at step {step}; ask for more "
+                         f"steps than that, got {differ['steps']}")
+    return replace(saved, **differ) if differ else saved
+
+
+def resume_blip(path, cfg: TrainConfig | None = None, changes: dict | None = None) -> Trainer:
     """Rebuild a BLIP pretraining run on the default world data from its
     checkpoint; training on gives the same parameters as a run that was never
-    interrupted."""
-    cfg = cfg or TrainConfig.from_dict(read_config(path))
-    return blip_trainer(cfg).restore(path)
+    interrupted. ``cfg`` defaults to the stored one (:func:`stored_train_config`);
+    ``changes`` ({field: value}, e.g. ``{"steps": 6000}``) go through
+    :func:`resumed_config`, checked before anything is built."""
+    header = read_header(path)
+    cfg = cfg or stored_train_config(path)
+    try:
+        new_cfg = resumed_config(cfg, header["step"], changes or {})
+    except ValueError as err:
+        raise ValueError(f"cannot resume {os.fspath(path)}: {err}") from None
+    trainer = blip_trainer(cfg).restore(path)
+    trainer.task.config = new_cfg  # saved from here on; the loop reads it every step
+    return trainer
+
+
+# A configuration read from a file is held to the stored arrays' shapes for the
+# model's sizes (_shapes_set_by). The generated world's size has no array to
+# match, so it has a cap instead: far above any run minblip does on a CPU (the
+# default world is 17 MB), far below what a forged file could ask for.
+MAX_STORED_WORLD_BYTES = 1 << 28
+
+
+def _shapes_set_by(cfg: TrainConfig, vocab_size: int) -> dict:
+    """Arrays of the BLIP that ``cfg`` builds whose shapes, between them, fix every
+    size field: patch_size, image_size, width, depth, mlp_ratio, max_text_len,
+    embed_dim. If the stored arrays have these shapes, the model built from the
+    config is no larger than the file."""
+    w, p, last = cfg.width, cfg.patch_size, cfg.depth - 1
+    return {"visual_encoder.patch_embed.proj.W": (3 * p * p, w),
+            "visual_encoder.pos_embed": (1, 1 + (cfg.image_size // p) ** 2, w),
+            f"visual_encoder.blocks.{last}.mlp.fc1.W": (w, cfg.mlp_ratio * w),
+            f"text_encoder.layers.{last}.ffn.fc1.W": (w, cfg.mlp_ratio * w),
+            "text_encoder.embeddings.word_embeddings.weight": (vocab_size, w),
+            "text_encoder.embeddings.position_embeddings.weight": (cfg.max_text_len, w),
+            "vision_proj.W": (w, cfg.embed_dim)}
+
+
+def stored_train_config(path) -> TrainConfig:
+    """The TrainConfig stored in the BLIP checkpoint at ``path``, checked before
+    anything is built from it, from the archive's headers alone (milliseconds,
+    whatever the file says): every option known and of the right kind, the
+    world it would generate under :data:`MAX_STORED_WORLD_BYTES`, and the
+    model's sizes equal to the stored arrays' shapes. A ValueError names the
+    file and the key."""
+    path = os.fspath(path)
+    header = read_header(path)
+    try:
+        cfg = TrainConfig.from_dict(header["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its stored configuration is unusable: {err}") from None
+    world_bytes = (cfg.n_train + cfg.n_val + cfg.n_test) * 3 * cfg.image_size ** 2
+    if world_bytes > MAX_STORED_WORLD_BYTES:
+        raise ValueError(f"{path}: its stored configuration asks for a world of "
+                         f"{cfg.n_train + cfg.n_val + cfg.n_test:,} images of "
+                         f"{cfg.image_size}x{cfg.image_size} ({world_bytes:,} bytes), more "
+                         f"than the {MAX_STORED_WORLD_BYTES:,} a stored run may ask for")
+    stored = {key[len("param/"):]: shape for key, (shape, _) in header["arrays"].items()
+              if key.startswith("param/")}
+    wrong = [f"{name} should be {shape}, the file holds {stored.get(name, 'nothing')}"
+             for name, shape in _shapes_set_by(cfg, build_tokenizer().vocab_size).items()
+             if stored.get(name) != shape]
+    if wrong:
+        raise ValueError(f"{path}: its stored configuration (width {cfg.width}, "
+                         f"depth {cfg.depth}, ...) does not fit its weights: "
+                         + "; ".join(wrong))
+    return cfg
 
 
 def load_model(path):
     """A trained BLIP and its tokenizer from a checkpoint (for evaluation,
-    captioning and retrieval): returns (model, tokenizer, TrainConfig)."""
-    cfg = TrainConfig.from_dict(read_config(path))
+    captioning and retrieval): returns (model, tokenizer, TrainConfig). The
+    stored configuration is checked before the model is built
+    (:func:`stored_train_config`), and NaN or inf weights are refused by name."""
+    cfg = stored_train_config(path)
     tokenizer = build_tokenizer()
     model = BLIP(cfg.model_config(tokenizer.vocab_size), np.random.default_rng(0))
     load_checkpoint(path, model, config=cfg.to_dict())
