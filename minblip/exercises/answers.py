@@ -312,7 +312,7 @@ def solution_ids(exercise: Exercise) -> list[str]:
 def read_notebook(root: Path, exercise: Exercise) -> dict:
     path = Path(root) / exercise.notebook_path
     if not path.is_file():
-        raise AnswerProblem(f"{exercise.notebook_path} is not in the submission")
+        raise AnswerProblem(f"{exercise.notebook_path} is missing")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -501,4 +501,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the module the checks import (python -m makes this file a second module,
+    # __main__, whose notebook_answers the checks would not see)
+    from minblip.exercises import runner
+
+    sys.exit(runner.main())
