@@ -714,6 +714,13 @@ def test_the_solution_put_in_the_same_way_passes(region_key, tmp_path):
     assert outcome.status == PASSED, outcome.checks
 
 
+def test_an_answer_that_exits_is_an_error_not_the_end_of_grading(tmp_path):
+    outcome = _graded("1.1", "minblip/softmax.py::CrossEntropyLoss.backward",
+                      "import sys\nsys.exit(2)", tmp_path)
+    assert outcome.status == ERROR and outcome.points == 0
+    assert "the code called exit (2)" in outcome.checks[0].message
+
+
 def test_every_exercise_has_a_wrong_answer():
     assert {w[0] for w in WRONG_ANSWERS} == {e.id for e in EXERCISES}
     assert {w[1] for w in WRONG_ANSWERS} == set(by_region())

@@ -275,7 +275,7 @@ def _run_check(exercise, fn, name, sites, root, submission) -> CheckOutcome:
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             fn()
-    except Exception as err:  # noqa: BLE001 - any failure of a check is reported
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - any failure of a check is reported
         outcome = describe_failure(exercise, err, sites, root, submission)
         outcome.name = name
         outcome.output = "\n".join(printed.getvalue().rstrip().split("\n")[-OUTPUT_LINES:])
@@ -326,6 +326,9 @@ def describe_failure(exercise: Exercise, err: BaseException, sites, root: Path,
         return CheckOutcome("", ERROR, kind, message, where,
                             "An import failed: the project uses only NumPy (and the standard "
                             "library) for its math; check the module and name imported.")
+    if isinstance(err, SystemExit):
+        return CheckOutcome("", ERROR, kind, f"the code called exit ({message})", where,
+                            "Return the result instead of stopping Python.")
     mine = any(w.startswith("your code") for w in where)
     return CheckOutcome("", ERROR, kind, message, where,
                         "Your code raised this error at the line shown: check the shapes and "
