@@ -28,7 +28,12 @@ from .core import Module, Param
 
 
 class GradcheckError(AssertionError):
-    """Raised when an analytic gradient disagrees with finite differences."""
+    """Raised when an analytic gradient disagrees with finite differences;
+    ``report`` is the :class:`GradcheckReport` whose table the message shows."""
+
+    def __init__(self, message: str, report: "GradcheckReport | None" = None):
+        super().__init__(message)
+        self.report = report
 
 
 def rel_error(a, b) -> float:
@@ -194,7 +199,7 @@ def gradcheck(loss_fn, params, *, n_coords: int = 6, eps: float = 1e-5, atol: fl
     if verbose:
         print(report)
     if raise_on_fail and not report.passed:
-        raise GradcheckError("gradient check failed\n" + str(report))
+        raise GradcheckError("gradient check failed\n" + str(report), report)
     return report
 
 

@@ -33,9 +33,12 @@ class Softmax(Module):
         return p, p
 
     def backward(self, dp, cache):
+        """dp = dL/dp (same shape as x) -> dx; the cache is p itself."""
+        ### BEGIN SOLUTION
         p = cache
-        # Jacobian of softmax is diag(p) - p p^T, so dx = p * (dp - <dp, p>)
+        # Jacobian of softmax is diag(p) - p p^T, so dx = p * (dp - <dp, p>) along the axis
         return p * (dp - np.sum(dp * p, axis=self.axis, keepdims=True))
+        ### END SOLUTION
 
 
 class LogSoftmax(Module):

@@ -105,17 +105,22 @@ def patchify(images, patch_size: int):
 
 
 def unpatchify(patches, patch_size: int, height: int, width: int):
-    """The inverse of :func:`patchify`: patches (B, N, C*p*p) -> images (B, C, H, W)."""
+    """The inverse of :func:`patchify`: patches (B, N, C*p*p) -> images (B, C, H, W).
+
+    patchify moves every pixel to exactly one place, so its Jacobian is a
+    permutation and its backward is this inverse: PatchEmbed.backward uses it."""
     p = patch_size
     gh, gw = height // p, width // p
     if patches.ndim != 3 or patches.shape[1] != gh * gw or patches.shape[2] % (p * p):
         raise ValueError(f"unpatchify: expected patches (B, {gh * gw}, C*{p}*{p}) for a "
                          f"{height}x{width} image, got shape {patches.shape}")
+    ### BEGIN SOLUTION
     B, _, K = patches.shape
     C = K // (p * p)
-    x = patches.reshape(B, gh, gw, C, p, p)
-    x = x.transpose(0, 3, 1, 4, 2, 5)  # (B, C, gh, p, gw, p)
-    return x.reshape(B, C, height, width)
+    x = patches.reshape(B, gh, gw, C, p, p)  # undoes patchify's last reshape
+    x = x.transpose(0, 3, 1, 4, 2, 5)  # inverse of (0, 2, 4, 1, 3, 5): (B, C, gh, p, gw, p)
+    return x.reshape(B, C, height, width)  # undoes its first reshape
+    ### END SOLUTION
 
 
 def conv2d_patchify_reference(images, conv_w, conv_b):

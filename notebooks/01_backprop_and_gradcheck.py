@@ -27,7 +27,18 @@
 # cross-entropy loss — and then break things on purpose: float32 versus float64,
 # `=` versus `+=`, repeated token ids, and a forgotten gradient.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 
 import matplotlib.pyplot as plt
@@ -247,8 +258,8 @@ def ce_of_linear(x, dtype):
 
 lin.to(np.float64)  # the reference gradient, exact up to float64 rounding
 z, c_lin = lin.forward(x)
-_, c_ce = ce.forward(z, targets)
-dx_exact = lin.backward(ce.backward(1.0, c_ce), c_lin)
+dz = (softmax(z) - np.eye(z.shape[1])[targets]) / len(targets)  # section 3: (p - onehot) / N
+dx_exact = lin.backward(dz, c_lin)  # written out, so this section needs no exercise done
 
 hs = 10.0 ** -np.arange(1.0, 10.01, 0.25)
 errors = {}
@@ -733,11 +744,12 @@ print(f"mean of 2000 dropped-out copies vs x: max difference {np.abs(means - x_d
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one — in the package
-# or in the cell below its description — is replaced by a stub that raises
-# `NotImplementedError`; the check cell after it passes once your code is right. Run
-# `python -m minblip.exercises check 1.1,1.2,1.3` for the same checks with pytest.
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 1.1,1.2,1.3` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names. The graded files are those of `minblip/`.
 #
 # ### Exercise 1.1 · Softmax cross-entropy backward
 #
@@ -792,39 +804,20 @@ print(gradcheck(ln_twice, ln))
 # %% [markdown]
 # ### Exercise 1.3 · Softmax backward as a Jacobian-vector product
 #
-# **Goal.** Write `softmax_backward(p, dp)`: given $p = \mathrm{softmax}(x)$ over the last
-# axis and $\bar p$, return $\bar x$, both `(..., K)`.
+# **Goal.** Write `Softmax.backward` in `minblip/softmax.py`: its cache is
+# $p = \mathrm{softmax}(x)$ along the layer's `axis`, and given $\bar p$ (the same shape)
+# it returns $\bar x$.
 #
 # **Hints.** $\partial p_i / \partial x_j = p_i(\delta_{ij} - p_j)$, so the Jacobian is
 # $\mathrm{diag}(p) - p p^\top$ (symmetric). Multiply $\bar p$ by it without building it:
-# one elementwise product, one sum over the last axis with `keepdims=True`, one more
-# product. It is one line.
-
-# %% nbgrader={"grade": false, "grade_id": "ex1_3_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def softmax_backward(p, dp):
-    """p = softmax(x) and dp = dL/dp, both (..., K) -> dL/dx (..., K)."""
-    ### BEGIN SOLUTION
-    return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (diag(p) - p p^T) dp, row by row
-    ### END SOLUTION
-
+# one elementwise product, one sum over `self.axis` with `keepdims=True`, one more
+# product. It is one line. The hidden check uses an axis other than the last.
 
 # %% nbgrader={"grade": true, "grade_id": "ex1_3_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
-from minblip import Module  # noqa: E402
-
-
-class SoftmaxWithYourBackward(Module):
-    """softmax over the last axis; its backward is your function."""
-
-    def forward(self, x):
-        p = softmax(x)
-        return p, p
-
-    def backward(self, dp, cache):
-        return softmax_backward(cache, dp)
-
+from minblip.softmax import Softmax  # noqa: E402
 
 rng = np.random.default_rng(22)
-print(check_layer(SoftmaxWithYourBackward(), rng.standard_normal((3, 5))))
+print(check_layer(Softmax(), rng.standard_normal((3, 5))))
 ### BEGIN HIDDEN TESTS
-assert check_layer(SoftmaxWithYourBackward(), rng.standard_normal((2, 3, 4)), seed=23).passed
+assert check_layer(Softmax(axis=0), rng.standard_normal((4, 3)), seed=23).passed
 ### END HIDDEN TESTS

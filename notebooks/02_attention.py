@@ -38,7 +38,18 @@
 #   decoder, every layer lets the text tokens (queries) attend to the ViT's image patch
 #   embeddings (keys and values); BLIP-2's 32 learned queries do the same.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 
 import matplotlib.pyplot as plt
@@ -400,10 +411,15 @@ print("|dx| per input position:", np.abs(dx).sum(axis=(0, 2)))
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 2.1,2.2,2.3` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 2.1,2.2,2.3` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `02_attention.ipynb`**, not its
+# jupytext twin `02_attention.py`: if you edit the `.py`, run `jupytext --sync
+# 02_attention.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 2.1 · Scaled dot-product attention backward, with a mask
 #

@@ -28,12 +28,22 @@
 # 4. derive the backward of the patch embedding and gradient-check the whole ViT;
 # 5. look at the position embeddings' similarity map — honestly.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import copy
 import inspect
 import time
 import timeit
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -436,10 +446,12 @@ assert abs(off_diagonal.std() - 1 / np.sqrt(64)) < 0.05  # "around +-1/sqrt(64)"
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 3.1,3.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 3.1,3.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names. The graded files are those of `minblip/`.
 #
 # ### Exercise 3.1 · Patch embedding as reshape plus matmul
 #
@@ -472,25 +484,15 @@ print("patch order and pixel order: ok")
 # %% [markdown]
 # ### Exercise 3.2 · The backward of patchify
 #
-# **Goal.** Write `patchify_backward(dpatches, p, height, width)`: the gradient of the
-# images `(B, C, H, W)` from the gradient of the patches `(B, N, C·p·p)`.
+# **Goal.** Write the body of `unpatchify(patches, patch_size, height, width)` in
+# `minblip/vit.py`: patches `(B, N, C·p·p)` back to images `(B, C, H, W)`. It is the
+# inverse of `patchify`, and section 6 showed that it is also its backward:
+# `PatchEmbed.backward` calls it.
 #
 # **Hints.** `patchify` moves every pixel to exactly one place, so its Jacobian is a
 # permutation matrix, and the transpose of a permutation is its inverse. Undo the three
 # steps of `patchify` in reverse order: reshape to six axes, the inverse transpose, reshape
-# back. (Do not call `unpatchify` — that is the answer.)
-
-# %% nbgrader={"grade": false, "grade_id": "ex3_2_solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def patchify_backward(dpatches, p, height, width):
-    """dpatches (B, N, C*p*p) -> dimages (B, C, height, width)."""
-    ### BEGIN SOLUTION
-    B, _, K = dpatches.shape
-    C, gh, gw = K // (p * p), height // p, width // p
-    x = dpatches.reshape(B, gh, gw, C, p, p)  # undoes the last reshape of patchify
-    x = x.transpose(0, 3, 1, 4, 2, 5)  # inverse of (0, 2, 4, 1, 3, 5): (B, C, gh, p, gw, p)
-    return x.reshape(B, C, height, width)  # undoes the first reshape
-    ### END SOLUTION
-
+# back. Which permutation of six axes undoes `(0, 2, 4, 1, 3, 5)`?
 
 # %% nbgrader={"grade": true, "grade_id": "ex3_2_check", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
 from minblip import Param, gradcheck  # noqa: E402
@@ -502,7 +504,7 @@ R = rng.standard_normal((2, 6, 12))
 
 def patch_loss(backward):
     if backward:
-        pixels.grad += patchify_backward(R, 2, 4, 6)
+        pixels.grad += unpatchify(R, 2, 4, 6)
     return float(np.sum(patchify(pixels.data, 2) * R))
 
 

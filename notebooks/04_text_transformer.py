@@ -48,7 +48,18 @@
 # the rest (embeddings, cross-attention, FFN) can serve both (paper section 3.2; the
 # code is `tie_encoder_decoder_weights` in salesforce/BLIP `models/blip_pretrain.py`).
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 import time
 
@@ -627,10 +638,14 @@ print(f"{len(r.rows)} arrays checked (each shared Param once), "
 # %% [markdown]
 # ## Graded exercises
 #
-# They come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) each solution is replaced by a stub that
-# raises `NotImplementedError`; the check cells pass once your code is right
-# (`python -m minblip.exercises check 4.1,4.2` runs the same checks with pytest).
+# They come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after each passes once your code is right, and
+# `python -m minblip.exercises check 4.1,4.2` runs the same checks from a terminal and says
+# what is wrong and where. You write each one in the cell below its description. **The graded file is this notebook, `04_text_transformer.ipynb`**, not
+# its jupytext twin `04_text_transformer.py`: if you edit the `.py`, run `jupytext
+# --sync 04_text_transformer.py` before you check or hand in, or the checks still see
+# the stub.
 #
 # ### Exercise 4.1 · Text embeddings backward, with repeated ids
 #

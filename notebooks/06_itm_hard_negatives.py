@@ -50,7 +50,18 @@
 # `pretrain_step` and `sample_hard_negatives` in `minblip/blip.py`, with the sampling
 # weights `hard_negative_weights` in `minblip/objectives.py`.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 import math
 import textwrap
@@ -627,10 +638,16 @@ assert p_match.max() < 0.5 and p_match.max() - p_match.min() < 0.05
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 6.1,6.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 6.1,6.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `06_itm_hard_negatives.ipynb`**, not
+# its jupytext twin `06_itm_hard_negatives.py`: if you edit the `.py`, run `jupytext
+# --sync 06_itm_hard_negatives.py` before you check or hand in, or the checks still see
+# the stub.
 #
 # ### Exercise 6.1 · Hard-negative mining and the `np.add.at` gather
 #

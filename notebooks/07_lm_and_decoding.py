@@ -50,13 +50,24 @@
 # and, for the captioning fine-tune with a prompt, `BLIP_Decoder.forward`
 # (`models/blip.py`).
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
 import os
 
 # The matrices here are tiny: splitting each product over BLAS threads costs more than
 # it saves (several times more on a busy two-core machine). Must be set before NumPy
 # is imported, so it only takes effect in a fresh kernel.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
 
 import inspect
 import time
@@ -676,10 +687,15 @@ print(f"whole notebook so far: {time.perf_counter() - notebook_start:.1f} s "
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 7.1,7.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 7.1,7.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `07_lm_and_decoding.ipynb`**, not its
+# jupytext twin `07_lm_and_decoding.py`: if you edit the `.py`, run `jupytext --sync
+# 07_lm_and_decoding.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 7.1 · Nucleus (top-p) filtering
 #

@@ -61,7 +61,18 @@
 # are most of BLIP-2's parameters and are not trained at all. That is the point of this
 # notebook's module: a small transformer between two large frozen ones.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 
 import matplotlib.pyplot as plt
@@ -471,10 +482,15 @@ r = check_layer(QFormer(big, np.random.default_rng(11)), *cases["itg"],
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 9.1,9.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 9.1,9.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `09_qformer_masks.ipynb`**, not its
+# jupytext twin `09_qformer_masks.py`: if you edit the `.py`, run `jupytext --sync
+# 09_qformer_masks.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 9.1 · The Q-Former's three masks
 #

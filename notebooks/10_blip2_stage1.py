@@ -47,7 +47,18 @@
 #
 # The code we mirror is salesforce/LAVIS `blip2_qformer.py` (`Blip2Qformer.forward`).
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import inspect
 import time
 
@@ -456,10 +467,15 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s")
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 10.1,10.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 10.1,10.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `10_blip2_stage1.ipynb`**, not its
+# jupytext twin `10_blip2_stage1.py`: if you edit the `.py`, run `jupytext --sync
+# 10_blip2_stage1.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 10.1 · ITC with a maximum over the queries: the backward
 #

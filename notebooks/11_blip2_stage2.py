@@ -49,12 +49,23 @@
 # LAVIS implements it in `blip2_opt.py` (`Blip2OPT`, for the decoder-only OPT) and
 # `blip2_t5.py` (encoder-decoder Flan-T5); we follow the OPT variant.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
 import os
 
 # These matrices are tiny: one BLAS thread is as fast as two, and much faster when
 # the cores are shared with other work (threads then wait for each other).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
 
 import inspect
 import textwrap
@@ -563,10 +574,15 @@ print(f"\nwhole notebook: {time.perf_counter() - notebook_start:.0f} s "
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 11.1,11.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 11.1,11.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `11_blip2_stage2.ipynb`**, not its
+# jupytext twin `11_blip2_stage2.py`: if you edit the `.py`, run `jupytext --sync
+# 11_blip2_stage2.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 11.1 · Masking the soft prompt out of the LM loss
 #

@@ -31,12 +31,22 @@
 # PyTorch is not needed to run this notebook: section 5 reads the numbers that
 # `reference/torch_twin.py` wrote in a separate environment.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import json
 import os
 import struct
 import tempfile
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -208,9 +218,10 @@ print("fused-qkv gradient, 5 entries: relative error",
 
 # %%
 hf.save_blip(model, "itr", "retrieval", tokenizer=tok)
-loaded = hf.load_blip_retrieval("itr")
+saved = Path("itr")  # the checkpoint folder just written
+loaded = hf.load_blip_retrieval(saved)
 hf.save_blip(loaded, "itr2")
-same = Path("itr/model.safetensors").read_bytes() == Path("itr2/model.safetensors").read_bytes()
+same = (saved / "model.safetensors").read_bytes() == Path("itr2/model.safetensors").read_bytes()
 print("tensors:", len(sd), "| parameters:", loaded.param_count(), "| byte-identical:", same)
 ids, mask = tok.encode(["a red circle left of a blue square"])
 e1, _ = model.encode_image(images[:1])
@@ -223,12 +234,12 @@ print("ITM logits equal:", np.array_equal(model.itm_logits(e1, ids, mask, tok.en
 # problem named:
 
 # %%
-broken = hf.read_safetensors("itr/model.safetensors")
+broken = hf.read_safetensors(saved / "model.safetensors")
 del broken["text_encoder.encoder.layer.1.output.dense.bias"]
 broken["vision_proj.weight"] = broken["vision_proj.weight"].T.copy()
-hf.write_safetensors("itr/model.safetensors", broken)
+hf.write_safetensors(saved / "model.safetensors", broken)
 try:
-    hf.load_blip_retrieval("itr")
+    hf.load_blip_retrieval(saved)
 except ValueError as err:
     print(err)
 
@@ -377,10 +388,12 @@ plt.show()
 # %% [markdown]
 # ## Graded exercise
 #
-# This one comes with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) its solution is replaced by a stub that
-# raises `NotImplementedError`; the check cell after it passes once your code is right
-# (`python -m minblip.exercises check 12.1` runs the same checks with pytest).
+# It comes with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) the solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after it passes once your code is right, and
+# `python -m minblip.exercises check 12.1` runs the same checks from a terminal and says
+# what is wrong and where. You write a package exercise in the function of `minblip/` it
+# names. The graded files are those of `minblip/`.
 #
 # ### Exercise 12.1 · The fused qkv weight of a Hugging Face ViT
 #

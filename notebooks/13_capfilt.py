@@ -70,16 +70,26 @@
 # of the bookkeeping instead: the filter's probability recomputed by hand, and the
 # precision and recall counted two ways.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
 import os
 
 # The matrices here are tiny: one BLAS thread is faster than two on a busy machine.
 # Must be set before NumPy is imported, so it only takes effect in a fresh kernel.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
+
 import json
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -460,10 +470,15 @@ print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 13.1,13.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 13.1,13.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a package exercise in the
+# function of `minblip/` it names and a notebook exercise in the cell below its
+# description. **The graded file is this notebook, `13_capfilt.ipynb`**, not its
+# jupytext twin `13_capfilt.py`: if you edit the `.py`, run `jupytext --sync
+# 13_capfilt.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 13.1 · The CapFilt filter decision
 #

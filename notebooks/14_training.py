@@ -53,10 +53,21 @@
 # decay, and ITC is plain in-batch InfoNCE, without the momentum encoders and queues
 # of notebook 05, section 6.
 
-# %%
+# %% nbgrader={"grade": false, "grade_id": "setup", "locked": true, "schema_version": 3, "solution": false, "task": false}
+import sys
+from pathlib import Path
+
+# this project's minblip (next to this notebook or in the folder above) comes first: the
+# one you edit, and the one the checks test
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd().parent)]
+
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: a second thread only waits
+
+from minblip.exercises.notebook import setup_exercises  # noqa: E402
+
+setup_exercises()  # checks that; and an unfinished exercise stops a cell with a note, not an error
 
 import dataclasses
 import math
@@ -688,10 +699,14 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 # %% [markdown]
 # ## Graded exercises
 #
-# These come with checks. In the student version of the project
-# (`python -m minblip.exercises student OUTDIR`) the solution of each one is replaced by a
-# stub that raises `NotImplementedError`; the check cell after it passes once your code is
-# right (`python -m minblip.exercises check 14.1,14.2` runs the same checks with pytest).
+# These come with checks. In the student version of the project (`python -m
+# minblip.exercises student OUTDIR`) each solution is replaced by a stub that raises
+# `NotImplementedError`; the check cell after an exercise passes once your code is
+# right, and `python -m minblip.exercises check 14.1,14.2` runs the same checks from a
+# terminal and says what is wrong and where. You write a notebook exercise in the cell
+# below its description. **The graded file is this notebook, `14_training.ipynb`**, not
+# its jupytext twin `14_training.py`: if you edit the `.py`, run `jupytext --sync
+# 14_training.py` before you check or hand in, or the checks still see the stub.
 #
 # ### Exercise 14.1 · Linear warmup, then cosine decay
 #

@@ -17,7 +17,7 @@ from minblip.attention import ScaledDotProductAttention, causal_mask, padding_ma
 from minblip.blip import BLIP, BLIPConfig, pretrain_step
 from minblip.capfilt import bootstrap_captions, keep_mask
 from minblip.exercises import BY_ID
-from minblip.exercises.grading import run_notebook_exercise
+from minblip.exercises.runner import run_notebook_exercise
 from minblip.generation import top_p_filter
 from minblip.hf import fused_qkv_from_hf, fused_qkv_to_hf, hf_state_dict, load_hf_state_dict
 from minblip.layers import LayerNorm
@@ -25,10 +25,10 @@ from minblip.lm import LanguageModel, LMConfig, lm_step
 from minblip.objectives import (causal_lm_targets, hard_negative_weights, itc_backward,
                                 itc_forward, itc_max_backward, itc_max_forward)
 from minblip.qformer import MODES, qformer_mask
-from minblip.softmax import CrossEntropyLoss, softmax
+from minblip.softmax import CrossEntropyLoss, Softmax, softmax
 from minblip.text import TextConfig, build_med, shared_parameter_names
 from minblip.tokenizer import Tokenizer
-from minblip.vit import PatchEmbed, ViTConfig, conv2d_patchify_reference, patchify
+from minblip.vit import PatchEmbed, ViTConfig, conv2d_patchify_reference, patchify, unpatchify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,11 +118,22 @@ def test_ex_1_2_layernorm_used_twice():
 
 
 # ---------------------------------------------------------------------------
-# 1.3 softmax backward (notebook 01)
+# 1.3 softmax backward
 # ---------------------------------------------------------------------------
 
-def test_ex_1_3_notebook():
-    run_notebook("1.3")
+def test_ex_1_3_softmax_gradcheck():
+    rng = np.random.default_rng(14)
+    check_layer(Softmax(), rng.standard_normal((3, 5)), seed=15)
+    check_layer(Softmax(), 3.0 * rng.standard_normal((2, 3, 4)), seed=16)
+
+
+### BEGIN HIDDEN TESTS
+def test_ex_1_3_other_axis():
+    """The layer's axis, not always the last one."""
+    rng = np.random.default_rng(17)
+    check_layer(Softmax(axis=0), rng.standard_normal((4, 3)), seed=18)
+    check_layer(Softmax(axis=1), rng.standard_normal((2, 5, 3)), seed=19)
+### END HIDDEN TESTS
 
 
 # ---------------------------------------------------------------------------
@@ -188,12 +199,40 @@ def test_ex_3_1_patch_order():
 
 
 # ---------------------------------------------------------------------------
-# 3.2 patchify backward, 4.1 text embeddings backward, 4.2 the capstone (notebooks 03, 04)
+# 3.2 unpatchify, the backward of patchify
 # ---------------------------------------------------------------------------
 
-def test_ex_3_2_notebook():
-    run_notebook("3.2")
+def test_ex_3_2_unpatchify_entries():
+    """Pixel (c, i*p + u, j*p + v) comes from patch i*gw + j, entry (c*p + u)*p + v."""
+    rng = np.random.default_rng(32)
+    p, gh, gw, C = 2, 2, 3, 3
+    patches = rng.standard_normal((2, gh * gw, C * p * p))
+    images = unpatchify(patches, p, gh * p, gw * p)
+    assert images.shape == (2, C, gh * p, gw * p), images.shape
+    for c, i, j, u, v in np.ndindex(C, gh, gw, p, p):
+        np.testing.assert_array_equal(images[:, c, i * p + u, j * p + v],
+                                      patches[:, i * gw + j, (c * p + u) * p + v],
+                                      err_msg=f"pixel (c={c}, y={i * p + u}, x={j * p + v})")
 
+
+### BEGIN HIDDEN TESTS
+def test_ex_3_2_unpatchify_is_the_backward():
+    rng = np.random.default_rng(33)
+    pixels = Param(rng.standard_normal((2, 3, 4, 6)), dtype=np.float64)  # not square
+    R = rng.standard_normal((2, 6, 12))
+
+    def loss_fn(backward):
+        if backward:
+            pixels.grad += unpatchify(R, 2, 4, 6)
+        return float(np.sum(patchify(pixels.data, 2) * R))
+
+    gradcheck(loss_fn, {"pixels": pixels})
+### END HIDDEN TESTS
+
+
+# ---------------------------------------------------------------------------
+# 4.1 text embeddings backward, 4.2 the capstone (notebook 04)
+# ---------------------------------------------------------------------------
 
 def test_ex_4_1_notebook():
     run_notebook("4.1")

@@ -12,7 +12,13 @@ everything else is copied unchanged (see :mod:`minblip.exercises.student`).
 
 :data:`EXERCISES` is the registry: for each exercise the functions that hold its
 solution regions, the notebook that explains it, its learning goal, the expected
-time and the pytest node ids that check it. docs/instructors.md is the guide.
+time, the pytest node ids that check it and the package functions it
+re-implements. Everything else reads it: ``check`` runs an exercise's checks and
+says what is wrong (:mod:`~minblip.exercises.runner`), ``grade`` grades each
+exercise of each submission on its own (:mod:`~minblip.exercises.answers`,
+:mod:`~minblip.exercises.grading`), and the notebooks' first cell keeps Run All
+going past unfinished exercises (:mod:`~minblip.exercises.notebook`).
+docs/instructors.md is the guide.
 """
 from __future__ import annotations
 
@@ -28,6 +34,13 @@ class Exercise:
     (``.ipynb``; its paired ``.py`` is handled the same way). ``tests`` are
     pytest node ids: zero-argument test functions that fail until the exercise is
     solved; those inside hidden-test regions are absent from the student version.
+
+    ``reimplements`` names, as dotted import paths (``"minblip.optim.AdamW.step"``),
+    the package functions that compute what the exercise asks for and that the
+    package keeps (it needs them before the student gets there): while the
+    exercise is checked, a call to one of them from the student's code fails
+    (minblip.exercises.answers.ban_shortcuts), and the student version clears any
+    kept notebook output that prints their source.
     """
 
     id: str
@@ -37,6 +50,7 @@ class Exercise:
     goal: str
     minutes: int
     tests: tuple[str, ...]
+    reimplements: tuple[str, ...] = ()
 
     @property
     def notebook_path(self) -> str:
@@ -53,8 +67,11 @@ class Exercise:
         return f"Exercise {self.id}"
 
     def stub_message(self) -> str:
+        where = (f"; the graded copy of this cell is the one in {self.notebook_path} (an edit "
+                 f"to its jupytext twin {self.notebook_path[:-6]}.py counts once synced into "
+                 f"it with jupytext --sync)" if self.in_notebook else "")
         return (f"Exercise {self.id} ({self.title}) is yours to write: see "
-                f"{self.notebook_path}, section {self.heading}")
+                f"{self.notebook_path}, section {self.heading}{where}")
 
 
 CHECKS = "tests/test_exercise_checks.py"
@@ -80,9 +97,10 @@ EXERCISES: tuple[Exercise, ...] = (
         30, _tests("test_ex_1_2_layernorm_gradcheck", "test_ex_1_2_layernorm_used_twice")),
     Exercise(
         "1.3", "softmax backward as a Jacobian-vector product", "01_backprop_and_gradcheck",
-        ("notebooks/01_backprop_and_gradcheck.ipynb::softmax_backward",),
-        "Multiply by the transposed softmax Jacobian diag(p) - p p^T without building it.",
-        15, _tests("test_ex_1_3_notebook")),
+        ("minblip/softmax.py::Softmax.backward",),
+        "Multiply by the transposed softmax Jacobian diag(p) - p p^T without building it, "
+        "along the layer's axis.",
+        15, _tests("test_ex_1_3_softmax_gradcheck", "test_ex_1_3_other_axis")),
     Exercise(
         "2.1", "scaled dot-product attention backward with a mask", "02_attention",
         ("minblip/attention.py::ScaledDotProductAttention.backward",),
@@ -94,14 +112,16 @@ EXERCISES: tuple[Exercise, ...] = (
         ("notebooks/02_attention.ipynb::scores_backward",),
         "Differentiate a batched matrix product S = Q K^T * c over (B, H, T, d) arrays, "
         "transposing only the last two axes.",
-        10, _tests("test_ex_2_2_notebook")),
+        10, _tests("test_ex_2_2_notebook"),
+        reimplements=("minblip.attention.ScaledDotProductAttention.backward",)),
     Exercise(
         "2.3", "multi-head attention forward, from scratch", "02_attention",
         ("notebooks/02_attention.ipynb::mha_forward",),
         "Write self- and cross-attention with H heads in NumPy alone: projections, the head "
         "split, the scaled scores, a boolean mask (a fully masked row gives zeros), the "
         "softmax, the head merge and the output projection.",
-        30, _tests("test_ex_2_3_notebook")),
+        30, _tests("test_ex_2_3_notebook"),
+        reimplements=("minblip.attention.MultiHeadAttention.forward",)),
     Exercise(
         "3.1", "patch embedding as reshape plus matmul", "03_vit_patch_embedding",
         ("minblip/vit.py::patchify",),
@@ -110,15 +130,17 @@ EXERCISES: tuple[Exercise, ...] = (
         20, _tests("test_ex_3_1_patchify_matches_a_convolution", "test_ex_3_1_patch_order")),
     Exercise(
         "3.2", "the backward of patchify", "03_vit_patch_embedding",
-        ("notebooks/03_vit_patch_embedding.ipynb::patchify_backward",),
-        "See that the adjoint of a pure rearrangement of pixels is its inverse.",
-        15, _tests("test_ex_3_2_notebook")),
+        ("minblip/vit.py::unpatchify",),
+        "See that the adjoint of a pure rearrangement of pixels is its inverse, and write it: "
+        "unpatchify, which PatchEmbed's backward uses.",
+        15, _tests("test_ex_3_2_unpatchify_entries", "test_ex_3_2_unpatchify_is_the_backward")),
     Exercise(
         "4.1", "text embeddings backward with repeated ids", "04_text_transformer",
         ("notebooks/04_text_transformer.ipynb::text_embeddings_backward",),
         "Scatter-add into the word table with np.add.at (ids repeat) and reduce the position "
         "table's gradient over the batch it was broadcast over.",
-        15, _tests("test_ex_4_1_notebook")),
+        15, _tests("test_ex_4_1_notebook"),
+        reimplements=("minblip.layers.Embedding.backward", "minblip.text.TextEmbeddings.backward")),
     Exercise(
         "4.2", "capstone: the whole backward of a BERT layer with cross-attention",
         "04_text_transformer",
@@ -126,7 +148,8 @@ EXERCISES: tuple[Exercise, ...] = (
         "Back-propagate through a post-norm block from its parts (three residual sub-blocks, "
         "dropout, cross-attention's two inputs), gradient-check it, and train a tiny "
         "image-grounded decoder whose layer is yours.",
-        45, _tests("test_ex_4_2_notebook")),
+        45, _tests("test_ex_4_2_notebook"),
+        reimplements=("minblip.transformer.PostNormBlock.backward",)),
     Exercise(
         "5.1", "the ITC loss and its backward", "05_itc",
         ("minblip/objectives.py::itc_forward", "minblip/objectives.py::itc_backward"),
@@ -139,7 +162,7 @@ EXERCISES: tuple[Exercise, ...] = (
         ("notebooks/05_itc.ipynb::l2_normalize_backward",),
         "Differentiate y = x / ||x||: the gradient is the upstream one with its component "
         "along y removed, divided by the norm.",
-        15, _tests("test_ex_5_2_notebook")),
+        15, _tests("test_ex_5_2_notebook"), reimplements=("minblip.softmax.L2Normalize.backward",)),
     Exercise(
         "6.1", "hard-negative mining and the np.add.at gather", "06_itm_hard_negatives",
         ("minblip/objectives.py::hard_negative_weights", "minblip/blip.py::pretrain_step"),
@@ -150,7 +173,7 @@ EXERCISES: tuple[Exercise, ...] = (
         "6.2", "the backward of a gather with repeated rows", "06_itm_hard_negatives",
         ("notebooks/06_itm_hard_negatives.ipynb::gather_rows_backward",),
         "Write the scatter-add that undoes x[index] when an index repeats.",
-        10, _tests("test_ex_6_2_notebook")),
+        10, _tests("test_ex_6_2_notebook"), reimplements=("minblip.layers.Embedding.backward",)),
     Exercise(
         "7.1", "nucleus (top-p) filtering", "07_lm_and_decoding",
         ("minblip/generation.py::top_p_filter",),
@@ -161,7 +184,9 @@ EXERCISES: tuple[Exercise, ...] = (
         "7.2", "the tied output layer's backward", "07_lm_and_decoding",
         ("notebooks/07_lm_and_decoding.ipynb::tied_output_backward",),
         "Back-propagate logits = t E^T + b into t, the shared embedding table E and b.",
-        15, _tests("test_ex_7_2_notebook")),
+        15, _tests("test_ex_7_2_notebook"),
+        reimplements=("minblip.text.LMHead.backward", "minblip.lm.LanguageModel.backward",
+                      "minblip.layers.Linear.backward")),
     Exercise(
         "8.1", "tying the MED encoder and decoder", "08_med_pretraining_step",
         ("minblip/text.py::build_med",),
@@ -186,7 +211,7 @@ EXERCISES: tuple[Exercise, ...] = (
         ("notebooks/09_qformer_masks.ipynb::queries_and_text_backward",),
         "Undo x = cat(broadcast(Z), text): split the gradient and sum the query part over "
         "the batch the one (1, Q, D) Param was broadcast to.",
-        10, _tests("test_ex_9_2_notebook")),
+        10, _tests("test_ex_9_2_notebook"), reimplements=("minblip.qformer.QFormer.backward",)),
     Exercise(
         "10.1", "ITC with a maximum over the queries: the backward", "10_blip2_stage1",
         ("minblip/objectives.py::itc_max_backward",),
@@ -210,7 +235,8 @@ EXERCISES: tuple[Exercise, ...] = (
         ("notebooks/11_blip2_stage2.ipynb::soft_prompt_backward",),
         "Back-propagate x = cat(q W + b, tokens) into the queries and the projection, "
         "keeping only the prompt positions' gradient and summing over batch and queries.",
-        15, _tests("test_ex_11_2_notebook")),
+        15, _tests("test_ex_11_2_notebook"),
+        reimplements=("minblip.layers.Linear.backward", "minblip.lm.LanguageModel.backward")),
     Exercise(
         "12.1", "the fused qkv weight of a Hugging Face ViT", "12_fidelity",
         ("minblip/hf.py::fused_qkv_to_hf", "minblip/hf.py::fused_qkv_from_hf"),
@@ -231,19 +257,21 @@ EXERCISES: tuple[Exercise, ...] = (
         ("notebooks/13_capfilt.ipynb::match_probability_from_logits",),
         "Turn two-way ITM logits into the match probability with a softmax over the right "
         "axis that cannot overflow.",
-        10, _tests("test_ex_13_2_notebook")),
+        10, _tests("test_ex_13_2_notebook"),
+        reimplements=("minblip.softmax.softmax", "minblip.softmax.log_softmax",
+                      "minblip.softmax.Softmax.forward")),
     Exercise(
         "14.1", "linear warmup, then cosine decay", "14_training",
         ("notebooks/14_training.ipynb::warmup_cosine_schedule",),
         "Write the learning-rate schedule: a linear warmup from warmup_start_lr, then half a "
         "cosine from base_lr down to min_lr over the steps that remain.",
-        15, _tests("test_ex_14_1_notebook")),
+        15, _tests("test_ex_14_1_notebook"), reimplements=("minblip.optim.warmup_cosine_lr",)),
     Exercise(
         "14.2", "AdamW's decoupled weight decay", "14_training",
         ("notebooks/14_training.ipynb::adamw_update",),
         "One AdamW step on one array: shrink the weight outside the Adam update, keep the "
         "moments, correct their bias; match minblip.optim.AdamW to 1e-12.",
-        20, _tests("test_ex_14_2_notebook")),
+        20, _tests("test_ex_14_2_notebook"), reimplements=("minblip.optim.AdamW.step",)),
 )
 
 # Files the student version leaves out: they test the generator or hold wrong answers.

@@ -1,132 +1,274 @@
-"""Run an exercise's checks with plain pytest, in a project folder of one's choice."""
+"""Checking and grading: the worker processes, a whole class of submissions, the CSV.
+
+* :func:`check_project` runs the (visible) checks of a project on its own code,
+  in one worker process: what a student runs.
+* :func:`grade_submission` grades one student's project folder: a fresh copy
+  of the instructor's project (hidden checks included) runs in its own worker
+  process, and each exercise is graded with only that exercise's functions and
+  notebook cells taken from the student (:func:`minblip.exercises.answers.graft`),
+  so one wrong answer costs only its own marks.
+* :func:`grade_all` grades every folder of a submissions folder, writes the CSV,
+  and never stops on one bad submission.
+
+A worker (:mod:`minblip.exercises.runner`) has a time limit per exercise,
+enforced inside it (SIGALRM) and, should that fail, by this process, which then
+kills it and starts a new one for the exercises that remain. Grading runs the
+students' code with the grader's permissions: it is not a sandbox
+(docs/instructors.md shows how to run it in a container).
+"""
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
-import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import EXERCISES, Exercise
-from .student import SKIP_DIRS, _cell_text
+from ..files import write_text_atomic
+from . import INSTRUCTOR_ONLY, Exercise
+from .runner import CRASHED, ERROR, TIMEOUT, CheckOutcome, ExerciseOutcome, graded_files
+from .student import project_files
+
+STARTUP_SECONDS = 120  # for a worker to import NumPy, the package and the checks
+GRACE_SECONDS = 5  # at most, past an exercise's limit, before the worker is killed from outside
+MESSAGE_CHARS = 3000  # of the first failure, in the CSV
 
 
-def existing_tests(root: Path, exercise: Exercise) -> list[str]:
-    """The exercise's node ids whose test function exists under ``root`` (a
-    student version has no hidden tests)."""
-    found = []
-    for node in exercise.tests:
-        path, name = node.split("::")
-        file = Path(root) / path
-        if file.exists() and re.search(rf"^def {re.escape(name)}\(", file.read_text(), re.M):
-            found.append(node)
-    return found
+# ---------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------
+
+def _worker_env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]]
+                                                       if env.get("PYTHONPATH") else []))
+    env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return env
 
 
-def run_pytest(root: Path, node_ids, extra_args=(), timeout: float = 900) -> dict:
-    """Run pytest on ``node_ids`` (and ``extra_args``, e.g. whole files) inside
-    ``root``, with ``root`` first on the import path, so the ``minblip`` there
-    is the one tested. Returns {node id: (outcome, message)}, outcome one of
-    "passed", "failed", "error", "skipped"."""
+def _kill(proc) -> None:
+    """Stop a worker this process started, with everything it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+            events.append(json.loads(line))
+    return events
+
+
+def run_worker(root: Path, exercises, *, submission: Path | None = None,
+               limit: float | None = None) -> list[ExerciseOutcome]:
+    """Run ``exercises`` in worker processes on ``root`` (with the answers of
+    ``submission`` grafted in, when given). A worker that crashes or outlives an
+    exercise's limit is killed; that exercise is reported as such and a new
+    worker goes on with the rest. Returns one outcome per exercise, in order."""
     root = Path(root).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]]
-                                                           if env.get("PYTHONPATH") else []))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={report}", "-o", "junit_family=xunit2", *node_ids, *extra_args]
-        subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       timeout=timeout, check=False)
-        if not report.exists():
-            raise RuntimeError(f"pytest wrote no report in {root}: {' '.join(cmd)}")
-        results = {}
-        for case in ET.parse(report).getroot().iter("testcase"):
-            parts = case.get("classname", "").split(".")
-            path = "/".join(parts) + ".py"
-            if not (root / path).exists():  # a class inside the module
-                path = "/".join(parts[:-1]) + ".py::" + parts[-1]
-            node = f"{path}::{case.get('name')}"
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                child = case.find(tag)
-                if child is not None:
-                    outcome = {"failure": "failed"}.get(tag, tag)
-                    message = (child.get("message") or "") + "\n" + (child.text or "")
-                    break
-            results[node] = (outcome, message)
-        return results
+    exercises = list(exercises)
+    results: dict[str, ExerciseOutcome] = {}
+    remaining = [e.id for e in exercises]
+    by_id = {e.id: e for e in exercises}
+    with tempfile.TemporaryDirectory(prefix="minblip-grade-") as tmp:
+        log = Path(tmp) / "worker.log"
+        while remaining:
+            out = Path(tmp) / f"events-{len(results)}.jsonl"
+            cmd = [sys.executable, "-m", "minblip.exercises.runner", "--root", str(root),
+                   "--ids", ",".join(remaining), "--out", str(out)]
+            cmd += ["--submission", str(Path(submission).resolve())] if submission else []
+            cmd += ["--limit", repr(limit)] if limit else []
+            with open(log, "w") as log_file:
+                proc = subprocess.Popen(cmd, cwd=root, env=_worker_env(root), stdout=log_file,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+                killed = _watch(proc, out, limit)
+            events = _read_events(out)
+            started = None
+            for event in events:
+                if event["event"] == "start":
+                    started = event["id"]
+                elif event["event"] == "result":
+                    outcome = ExerciseOutcome.from_json(event["outcome"])
+                    results[outcome.id] = outcome
+                    started = None
+                elif event["event"] == "fatal":  # the project's checks do not import
+                    for exercise_id in remaining:
+                        failure = CheckOutcome(**event["check"])
+                        results[exercise_id] = _every_check(by_id[exercise_id], failure)
+                        results[exercise_id].fatal = True
+                    started = None
+            if started is None and not any(e["event"] in ("start", "fatal") for e in events):
+                # the worker died before its first exercise: nothing more will run
+                tail = "\n".join(log.read_text().strip().split("\n")[-20:])
+                for exercise_id in remaining:
+                    results.setdefault(exercise_id, _every_check(by_id[exercise_id], CheckOutcome(
+                        "", CRASHED, "WorkerFailed",
+                        f"the checking process stopped before any exercise ran:\n{tail}")))
+            elif started is not None and started not in results:
+                status = TIMEOUT if killed else CRASHED
+                message = (f"the exercise ran for more than its limit of {limit:g} s and the "
+                           f"process was stopped" if killed else
+                           f"the checking process died during this exercise (exit code "
+                           f"{proc.returncode}):\n"
+                           + "\n".join(log.read_text().strip().split("\n")[-20:]))
+                results[started] = _every_check(by_id[started], CheckOutcome(
+                    "", status, "WorkerStopped", message,
+                    hint="Look for a loop that never ends, or for code that stops Python "
+                         "(os._exit, a crash in a C extension)."))
+            remaining = [i for i in remaining if i not in results]
+    return [results[e.id] for e in exercises]
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=lambda d, names: [
-        n for n in names if n in SKIP_DIRS or n.endswith((".egg-info", ".pyc"))])
+def _watch(proc, out: Path, limit) -> bool:
+    """Wait for the worker; kill it when an exercise outlives its limit (plus a
+    grace) or when it does not start within STARTUP_SECONDS. True if killed."""
+    launched, seen, current = time.monotonic(), 0, None
+    while proc.poll() is None:
+        time.sleep(0.05)
+        events = _read_events(out)
+        for event in events[seen:]:
+            if event["event"] == "start":
+                current = time.monotonic()
+            elif event["event"] == "result":
+                current = None
+        seen = len(events)
+        now = time.monotonic()
+        grace = min(GRACE_SECONDS, max(1.0, limit or 0.0))
+        if (current is None and not events and now - launched > STARTUP_SECONDS) or (
+                current is not None and limit and now - current > limit + grace):
+            _kill(proc)
+            return True
+    return False
 
 
-def _overwrite_locked_cells(student_nb: Path, source_nb: Path) -> None:
-    """nbgrader's rule: cells marked locked or grade in the source replace the
-    student's cells of the same grade_id (so hidden tests come back)."""
-    nb = json.loads(student_nb.read_text())
-    src = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id"): c
-           for c in json.loads(source_nb.read_text()).get("cells", [])}
-    for cell in nb.get("cells", []):
-        meta = cell.get("metadata", {}).get("nbgrader", {})
-        gid = meta.get("grade_id")
-        if gid in src and (meta.get("locked") or meta.get("grade")) and not meta.get("solution"):
-            cell["source"] = _cell_text(src[gid])
-    student_nb.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+def _every_check(exercise: Exercise, failure: CheckOutcome) -> ExerciseOutcome:
+    checks = [CheckOutcome(**{**failure.__dict__, "name": n.split("::")[1]})
+              for n in exercise.tests]
+    return ExerciseOutcome(exercise.id, exercise.title, graded_files(exercise), checks)
 
 
-def grade(submission: Path, source: Path, exercises=EXERCISES) -> list[dict]:
-    """Grade a student's project folder against the instructor's source.
+# ---------------------------------------------------------------------------
+# Checking one's own project, grading submissions
+# ---------------------------------------------------------------------------
 
-    The submission is copied to a temporary folder; its ``tests/`` is replaced by
-    the source's (with the hidden tests) and, in its notebooks, the locked and
-    graded cells are taken from the source. Then every check of every exercise
-    runs with pytest. Returns one row per exercise: id, title, passed, total.
-    """
-    submission, source = Path(submission).resolve(), Path(source).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "submission"
-        _copy_tree(submission, work)
-        shutil.rmtree(work / "tests", ignore_errors=True)
-        _copy_tree(source / "tests", work / "tests")
-        for nb in (work / "notebooks").glob("*.ipynb"):
-            if (source / "notebooks" / nb.name).exists():
-                _overwrite_locked_cells(nb, source / "notebooks" / nb.name)
-        nodes = [n for e in exercises for n in e.tests]
-        results = run_pytest(work, nodes)
-    rows = []
-    for e in exercises:
-        passed = sum(results.get(n, ("missing", ""))[0] == "passed" for n in e.tests)
-        rows.append({"id": e.id, "title": e.title, "passed": passed, "total": len(e.tests)})
-    return rows
+def check_project(root: Path, exercises, limit: float | None = 60.0) -> list[ExerciseOutcome]:
+    """The visible checks of ``exercises`` on the project ``root`` as it is."""
+    root = Path(root).resolve()
+    if not (root / "tests" / "test_exercise_checks.py").is_file():
+        raise ValueError(f"{root} has no tests/test_exercise_checks.py: run the checks from the "
+                         f"top folder of a minblip project (or give it with --source)")
+    return run_worker(root, exercises, limit=limit)
 
 
-def notebook_exercise_cells(root: Path, exercise: Exercise) -> list[str]:
-    """The code a notebook exercise is checked with: the notebook's first code cell
-    (its imports) and then every cell whose nbgrader grade_id starts with
-    ``ex{N}_{k}_`` (the solution cell and the check cells), in notebook order."""
-    nb = json.loads((Path(root) / exercise.notebook_path).read_text())
-    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    prefix = "ex" + exercise.id.replace(".", "_") + "_"
-    cells = [c for c in code
-             if c.get("metadata", {}).get("nbgrader", {}).get("grade_id", "").startswith(prefix)]
-    if not cells:
-        raise ValueError(f"{exercise.notebook_path} has no cells with a grade_id starting "
-                         f"with {prefix!r}")
-    return [_cell_text(code[0])] + [_cell_text(c) for c in cells]
+def copy_reference(source: Path, dest: Path) -> None:
+    """Copy the instructor's project (without caches and instructor-only files)."""
+    source = Path(source).resolve()
+    for path in project_files(source):
+        rel = path.relative_to(source).as_posix()
+        if rel in INSTRUCTOR_ONLY:
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
 
 
-def run_notebook_exercise(root: Path, exercise: Exercise) -> dict:
-    """Execute a notebook exercise's cells (see :func:`notebook_exercise_cells`)
-    in a fresh namespace; any failing check raises. Returns the namespace."""
-    namespace = {"__name__": f"exercise_{exercise.id.replace('.', '_')}"}
-    for source in notebook_exercise_cells(root, exercise):
-        exec(compile(source, f"{exercise.notebook_path} (exercise {exercise.id})", "exec"),
-             namespace)
-    return namespace
+def grade_submission(submission: Path, source: Path, exercises,
+                     limit: float | None = 60.0) -> list[ExerciseOutcome]:
+    """Grade one student's project folder against the instructor's project
+    ``source``, each exercise on its own, in a fresh copy of ``source``."""
+    with tempfile.TemporaryDirectory(prefix="minblip-reference-") as tmp:
+        reference = Path(tmp) / "project"
+        copy_reference(source, reference)
+        return run_worker(reference, exercises, submission=submission, limit=limit)
+
+
+def find_submissions(folder: Path) -> list[tuple[str, Path]]:
+    """(name, project folder) of every submission in ``folder``: each sub-folder is
+    one student's (a folder holding exactly one project folder counts as it); a
+    ``folder`` that is itself a project is one submission."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder of submissions")
+    if _is_project(folder):
+        return [(folder.name, folder)]
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        inner = [p for p in sub.iterdir() if p.is_dir() and _is_project(p)]
+        out.append((sub.name, inner[0] if not _is_project(sub) and len(inner) == 1 else sub))
+    if not out:
+        raise ValueError(f"{folder} holds no submission folders")
+    return out
+
+
+def _is_project(folder: Path) -> bool:
+    return (folder / "minblip").is_dir() or (folder / "notebooks").is_dir()
+
+
+CSV_COLUMNS = ["student", "exercise", "title", "points", "max_points", "status", "message"]
+
+
+def first_failure_text(outcome: ExerciseOutcome) -> str:
+    check = outcome.first_failure()
+    if check is None:
+        return ""
+    text = f"{check.name}: {check.error}: {check.message}"
+    if check.where:
+        text += "\n" + "\n".join(check.where)
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + " [...]"
+
+
+def csv_rows(student: str, outcomes) -> list[dict]:
+    return [{"student": student, "exercise": o.id, "title": o.title, "points": o.points,
+             "max_points": o.max_points, "status": o.status, "message": first_failure_text(o)}
+            for o in outcomes]
+
+
+def grade_all(submissions: Path, source: Path, exercises, *, limit: float | None = 60.0,
+              jobs: int = 1, csv_path: Path | None = None, progress=None) -> dict:
+    """Grade every submission of ``submissions`` (:func:`find_submissions`);
+    returns {student: [ExerciseOutcome]} and writes the CSV (one row per student
+    and exercise) when ``csv_path`` is given. ``progress(student, outcomes)`` is
+    called as each submission is done. A submission that cannot be graded at all
+    gets an error row per exercise, and grading goes on."""
+    found = find_submissions(submissions)
+    exercises = list(exercises)
+
+    def one(item):
+        name, path = item
+        try:
+            outcomes = grade_submission(path, source, exercises, limit)
+        except Exception as err:  # noqa: BLE001 - one bad submission must not stop the class
+            failure = CheckOutcome("", ERROR, type(err).__name__, f"could not grade: {err}")
+            outcomes = [_every_check(e, failure) for e in exercises]
+        if progress:
+            progress(name, outcomes)
+        return name, outcomes
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        graded = dict(pool.map(one, found))
+    if csv_path is not None:
+        write_text_atomic(csv_path, _csv_text([row for name, _ in found
+                                               for row in csv_rows(name, graded[name])]))
+    return graded
+
+
+def _csv_text(rows) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

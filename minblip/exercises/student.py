@@ -16,8 +16,9 @@ qualified name), and every transformed Python file must still parse.
 
 Notebooks are handled cell by cell, the paired jupytext ``.py`` line by line, so
 the two stay in sync. A notebook cell that was changed, or whose stored output
-shows a line of a solution (``inspect.getsource`` of a solved function, say), has
-its outputs cleared; execution counts are kept.
+shows a line of a solution (``inspect.getsource`` of a solved function, say) or of
+a package function a handed-out exercise re-implements (``Exercise.reimplements``),
+has its outputs cleared; execution counts are kept.
 """
 from __future__ import annotations
 
@@ -273,6 +274,47 @@ def solution_lines(root: Path, selected: set[str]) -> set[str]:
             if len(line) >= LEAK_MIN_CHARS and not line.startswith("#")}
 
 
+def locate_dotted(root: Path, dotted: str) -> tuple[str, str]:
+    """``"minblip.softmax.L2Normalize.backward"`` -> ("minblip/softmax.py",
+    "L2Normalize.backward"): the file and qualified name of a package function."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        rel = "/".join(parts[:cut]) + ".py"
+        if (Path(root) / rel).is_file():
+            return rel, ".".join(parts[cut:])
+    raise ExerciseError(f"{dotted!r} names no function in a file under {root}")
+
+
+def definition_lines(root: Path, dotted: str, *, whole_class: bool = False) -> tuple[str, int, int]:
+    """(file, first line, last line), 1-based, of the package function ``dotted``;
+    with ``whole_class``, of the class that holds it when it is a method."""
+    rel, qualname = locate_dotted(root, dotted)
+    tree = ast.parse((Path(root) / rel).read_text())
+    if whole_class and "." in qualname:
+        qualname = qualname.rsplit(".", 1)[0]
+        nodes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    else:
+        nodes = dict(_functions(tree))
+    if qualname not in nodes:
+        raise ExerciseError(f"{rel} has no {qualname} (named by {dotted!r} in the registry)")
+    node = nodes[qualname]
+    return rel, node.lineno, node.end_lineno
+
+
+def printed_answer_lines(root: Path, selected: set[str]) -> set[str]:
+    """The lines whose appearance in a kept notebook output gives an answer away:
+    the selected solutions' distinctive lines and those of the package functions
+    the selected exercises re-implement (``Exercise.reimplements``)."""
+    lines = solution_lines(root, selected)
+    for exercise in select(sorted(selected, key=_id_order)):
+        for dotted in exercise.reimplements:
+            rel, first, last = definition_lines(root, dotted)
+            text = (Path(root) / rel).read_text().split("\n")[first - 1:last]
+            lines |= {line.strip() for line in text if len(line.strip()) >= LEAK_MIN_CHARS
+                      and not line.strip().startswith(("#", '"""'))}
+    return lines
+
+
 def generate(source: Path, out: Path, ids=None) -> dict:
     """Write the student version of the project at ``source`` into ``out``.
 
@@ -286,7 +328,7 @@ def generate(source: Path, out: Path, ids=None) -> dict:
         raise ExerciseError(f"{out} exists and is not empty; give a new folder")
     if out == source or source in out.parents:
         raise ExerciseError(f"the student version must go outside the project, got {out}")
-    leak = solution_lines(source, selected)
+    leak = printed_answer_lines(source, selected)
     changed, left_out = [], []
     seen_regions: set[str] = set()
     for path in project_files(source):
