@@ -88,7 +88,7 @@ class Blip2Stage2(Module):
         self.visual_encoder = visual_encoder.freeze()
         self.ln_vision = ln_vision
         self.qformer = strip_text_parts(qformer)
-        d_in, d_out = qformer.cfg.width, language_model.cfg.width
+        d_in, d_out = qformer.cfg.width, language_model.cfg.token_width
         # blip2_opt.py: opt_proj = nn.Linear(768, d_llm) with PyTorch's default init,
         # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
         self.language_projection = Linear(d_in, d_out, rng)

@@ -46,7 +46,10 @@ class Param:
         if not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"Param data must be floating point, got dtype {data.dtype}")
         self.data = data
-        self.grad = np.zeros_like(data)
+        # np.zeros, not zeros_like: the operating system hands out zeroed pages on first
+        # touch, so a gradient no backward ever adds into (a frozen or inference-only
+        # model) costs no memory
+        self.grad = np.zeros(data.shape, data.dtype)
         self.frozen = False
 
     @property
@@ -69,7 +72,10 @@ class Param:
         self.grad[...] = 0
 
     def astype(self, dtype) -> None:
-        """Change the dtype in place; the object (and so all sharing) is kept."""
+        """Change the dtype in place; the object (and so all sharing) is kept.
+        Nothing is copied when the dtype is already ``dtype``."""
+        if self.data.dtype == dtype and self.grad.dtype == dtype:
+            return
         self.data = self.data.astype(dtype)
         self.grad = self.grad.astype(dtype)
 
