@@ -236,7 +236,8 @@ _HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidde
                        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "initializer_range": 0.02}
 
 
-def _square(value, what: str) -> int:
+def square(value, what: str) -> int:
+    """An image or patch size, given as an int or a square [h, w]."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"config.json: minblip supports square {what}, got {value}")
@@ -274,8 +275,8 @@ def blip_config_from_hf(hf_config: dict, *, vision_eps: float | None = None,
                   "vision_config.intermediate_size": (v["intermediate_size"], "width"),
                   "vision_config.num_hidden_layers": (v["num_hidden_layers"], "depth"),
                   "vision_config.num_attention_heads": (v["num_attention_heads"], "width"),
-                  "vision_config.image_size": (_square(v["image_size"], "images"), "image"),
-                  "vision_config.patch_size": (_square(v["patch_size"], "patches"), "image"),
+                  "vision_config.image_size": (square(v["image_size"], "images"), "image"),
+                  "vision_config.patch_size": (square(v["patch_size"], "patches"), "image"),
                   "text_config.vocab_size": (t["vocab_size"], "vocab"),
                   "text_config.hidden_size": (t["hidden_size"], "width"),
                   "text_config.intermediate_size": (t["intermediate_size"], "width"),
@@ -285,8 +286,8 @@ def blip_config_from_hf(hf_config: dict, *, vision_eps: float | None = None,
                                                           "positions"),
                   "text_config.encoder_hidden_size": (t["encoder_hidden_size"], "width"),
                   "image_text_hidden_size": (embed_dim, "width")}, "config.json")
-    vision = ViTConfig(image_size=_square(v["image_size"], "images"),
-                       patch_size=_square(v["patch_size"], "patches"), channels=3,
+    vision = ViTConfig(image_size=square(v["image_size"], "images"),
+                       patch_size=square(v["patch_size"], "patches"), channels=3,
                        width=v["hidden_size"], depth=v["num_hidden_layers"],
                        heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
                        eps=(number(v, "layer_norm_eps", "vision_config") if vision_eps is None
@@ -749,8 +750,10 @@ def _kind_hints(kind: str):
 # BLIP-2's Q-Former (Hugging Face Blip2QFormerModel)
 # ---------------------------------------------------------------------------------------
 
-def qformer_tensors(qformer, prefix: str = "", text_ffn: bool = False) -> list[HFTensor]:
-    """HF ``Blip2QFormerModel`` <-> :class:`minblip.qformer.QFormer`.
+def qformer_tensors(qformer, prefix: str = "", text_ffn: bool = False,
+                    mprefix: str = "") -> list[HFTensor]:
+    """HF ``Blip2QFormerModel`` <-> :class:`minblip.qformer.QFormer`; ``prefix`` and
+    ``mprefix`` go in front of the HF and the minblip names.
 
     HF keeps less of the Q-Former in this module than minblip does: its
     ``layernorm`` is minblip's ``embeddings.layer_norm`` (LAVIS
@@ -761,7 +764,9 @@ def qformer_tensors(qformer, prefix: str = "", text_ffn: bool = False) -> list[H
     ``attention.self`` is HF's ``attention.attention``.
     """
     p = f"{prefix}." if prefix else ""
-    out = hf_layer_norm(f"{p}layernorm", qformer.embeddings.layer_norm, "embeddings.layer_norm")
+    m = f"{mprefix}." if mprefix else ""
+    out = hf_layer_norm(f"{p}layernorm", qformer.embeddings.layer_norm,
+                        f"{m}embeddings.layer_norm")
 
     def attention(hp, mha, mp):
         return [*hf_linear(f"{hp}.attention.query", mha.query, f"{mp}.query"),
@@ -770,23 +775,24 @@ def qformer_tensors(qformer, prefix: str = "", text_ffn: bool = False) -> list[H
                 *hf_linear(f"{hp}.output.dense", mha.out, f"{mp}.out")]
 
     for i, layer in enumerate(qformer.layers):
-        hp, mp = f"{p}encoder.layer.{i}", f"layers.{i}"
+        hp, mp = f"{p}encoder.layer.{i}", f"{m}layers.{i}"
         out += [*attention(f"{hp}.attention", layer.self_attn, f"{mp}.self_attn"),
                 *hf_layer_norm(f"{hp}.attention.output.LayerNorm", layer.self_attn_ln,
-                             f"{mp}.self_attn_ln")]
+                               f"{mp}.self_attn_ln")]
         if layer.cross_attn is not None:
             out += [*attention(f"{hp}.crossattention", layer.cross_attn, f"{mp}.cross_attn"),
-                    *hf_layer_norm(f"{hp}.crossattention.output.LayerNorm", layer.cross_attn_ln,
-                                 f"{mp}.cross_attn_ln")]
+                    *hf_layer_norm(f"{hp}.crossattention.output.LayerNorm",
+                                   layer.cross_attn_ln, f"{mp}.cross_attn_ln")]
         if text_ffn:
             out += [*hf_linear(f"{hp}.intermediate.dense", layer.ffn.fc1, f"{mp}.ffn.fc1"),
                     *hf_linear(f"{hp}.output.dense", layer.ffn.fc2, f"{mp}.ffn.fc2"),
                     *hf_layer_norm(f"{hp}.output.LayerNorm", layer.ffn_ln, f"{mp}.ffn_ln")]
         out += [*hf_linear(f"{hp}.intermediate_query.dense", layer.ffn_query.fc1,
-                         f"{mp}.ffn_query.fc1"),
-                *hf_linear(f"{hp}.output_query.dense", layer.ffn_query.fc2, f"{mp}.ffn_query.fc2"),
+                           f"{mp}.ffn_query.fc1"),
+                *hf_linear(f"{hp}.output_query.dense", layer.ffn_query.fc2,
+                           f"{mp}.ffn_query.fc2"),
                 *hf_layer_norm(f"{hp}.output_query.LayerNorm", layer.ffn_query_ln,
-                             f"{mp}.ffn_query_ln")]
+                               f"{mp}.ffn_query_ln")]
     return out
 
 
