@@ -925,7 +925,8 @@ def _build(cfg: BLIPConfig, kind: str) -> BLIP:
     return model
 
 
-def _kind_of(hf_config: dict, directory) -> str:
+def blip_kind(hf_config: dict, directory) -> str:
+    """The BLIP kind of a config.json by its ``architectures``."""
     archs = [ARCHITECTURES[a] for a in hf_config.get("architectures") or []
              if a in ARCHITECTURES]
     if len(archs) != 1:
@@ -945,7 +946,7 @@ def load_blip(directory, dtype=np.float32, *, kind: str | None = None,
     config dict, so :func:`save_blip` can write it back.
     """
     hf_config = read_hf_config(directory)
-    kind = _kind_of(hf_config, directory) if kind is None else kind
+    kind = blip_kind(hf_config, directory) if kind is None else kind
     if kind not in ("retrieval", "captioning", "vqa"):
         raise ValueError(f"kind must be 'retrieval', 'captioning' or 'vqa', got {kind!r}")
     cfg = blip_config_from_hf(hf_config, vision_eps=vision_eps, label_smoothing=label_smoothing)

@@ -291,16 +291,13 @@ def blip2_generate(model: Blip2Stage2, images, prompt_ids=None, **decoding) -> l
     tokens, up to the end token (left out).
 
     images (B, 3, H, W) preprocessed; ``prompt_ids``: the tokenizer's ids of the
-    prompt, BOS first (``ByteLevelBPETokenizer.encode``), or None for BOS
-    alone. ``decoding``: the options of :func:`minblip.generation.generate`;
+    prompt (``ByteLevelBPETokenizer.encode``: OPT's puts BOS first), or None for
+    BOS alone. ``decoding``: the options of :func:`minblip.generation.generate`;
     ``max_length`` / ``min_length`` count BOS, the prompt and the new tokens
     (not the placeholders: see the module docstring).
     """
     c = model.configs
     prompt = np.array([c.bos_id] if prompt_ids is None else prompt_ids, dtype=np.int64).ravel()
-    if prompt.size == 0 or prompt[0] != c.bos_id:
-        raise ValueError(f"blip2_generate: the prompt ids must start with BOS ({c.bos_id}), "
-                         f"got {prompt[:5].tolist()}")
     soft = model.soft_prompt(images=images.astype(model.dtype, copy=False))  # (B, Q, E)
     out = generate(SoftPromptDecoder(model.language_model), soft, prompt, sep_id=c.eos_id,
                    **decoding)
