@@ -724,10 +724,10 @@ def fit(entries: list[HFTensor], tensors, what: str, source: str, hints=(),
 
 
 def load_hf_state_dict(model: BLIP, tensors, kind: str | None = None,
-                       source: str = "the checkpoint") -> None:
+                       source: str = "the checkpoint", dtype=None) -> None:
     """Load Hugging Face tensors (a ``{name: array}`` dict or a
-    :class:`~minblip.safetensors.Checkpoint`) into ``model``'s Params, keeping
-    each Param's dtype.
+    :class:`~minblip.safetensors.Checkpoint`) into ``model``'s Params, converted
+    to ``dtype`` (default: each Param's own).
 
     Everything is checked before anything is written: every tensor the model
     needs must be present with the right shape, tied copies (if present) must
@@ -736,7 +736,7 @@ def load_hf_state_dict(model: BLIP, tensors, kind: str | None = None,
     """
     kind = model_kind(model) if kind is None else kind
     fit(hf_tensors(model, kind), tensors, f"a minblip {kind} BLIP of this config", source,
-        _kind_hints(kind))
+        _kind_hints(kind), dtype)
 
 
 def _kind_hints(kind: str):
@@ -959,7 +959,7 @@ def load_blip(directory, dtype=np.float32, *, kind: str | None = None,
     check_against_checkpoint(checkpoint, *blip_expected_shapes(cfg, kind),
                              f"{directory}/config.json", _kind_hints(kind))
     model = _build(cfg, kind)
-    load_hf_state_dict(model, checkpoint, kind, source=checkpoint.source)
+    load_hf_state_dict(model, checkpoint, kind, source=checkpoint.source, dtype=dtype)
     model.to(dtype)  # what the file did not hold (retrieval's temp); the rest is dtype already
     model.hf_config = hf_config
     return model

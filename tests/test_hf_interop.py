@@ -262,6 +262,13 @@ def test_float64_model_saves_f64_and_float32_model_f32(tmp_path):
     hf.save_blip(model, tmp_path, "captioning", tokenizer=tok)
     header = hf.read_safetensors_header(tmp_path / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if not k.startswith("__")} == {"F64"}
+    # loaded in float64, every float64 bit survives; in float32, each value is rounded once
+    saved = hf.hf_state_dict(model, "captioning")
+    for dtype in (np.float64, np.float32):
+        loaded = hf.hf_state_dict(hf.load_blip_captioning(tmp_path, dtype))
+        for name, a in saved.items():
+            assert loaded[name].dtype == dtype, name
+            assert np.array_equal(loaded[name], a.astype(dtype)), name
 
 
 def _saved(tmp_path, kind="captioning"):
