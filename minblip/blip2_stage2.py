@@ -124,8 +124,8 @@ class Blip2Stage2(Module):
         """The frozen ViT's output (B, S, Dv) for images (B, 3, H, W), in batches,
         in evaluation mode."""
         check_float(images, "images")
-        out = [self.visual_encoder.forward(images[s:s + batch_size].astype(self.dtype,
-                                                                           copy=False))[0]
+        out = [self.visual_encoder.forward(images[s:s + batch_size].astype(self.dtype, copy=False),
+                                           keep_cache=False)[0]
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out, axis=0)
 

@@ -103,6 +103,7 @@ from typing import Callable
 import numpy as np
 
 from .blip import BLIP, BLIPConfig
+from .core import deferred_params
 from .files import write_json_atomic, write_text_atomic
 from .generation import generate
 from .qformer import QFormer, QFormerConfig
@@ -354,9 +355,7 @@ class HFTensor:
     ``to_hf(arrays)`` builds the HF tensor from the Params' arrays (data or
     grad); ``from_hf(tensor)`` splits an HF tensor into arrays shaped like the
     Params, as views where it can. ``tied_to`` names the tensor this one is a
-    tied copy of (its Params are already listed there), else None. ``plain``:
-    one Param holding the tensor exactly as stored (so a loader can convert
-    the file straight into it).
+    tied copy of (its Params are already listed there), else None.
     """
 
     name: str
@@ -365,7 +364,6 @@ class HFTensor:
     to_hf: Callable
     from_hf: Callable
     tied_to: str | None = None
-    plain: bool = False
 
     @property
     def shape(self) -> tuple:
@@ -374,7 +372,7 @@ class HFTensor:
 
 def hf_copy(name, p, pname) -> HFTensor:
     """A tensor stored as the Param holds it."""
-    return HFTensor(name, (p,), (pname,), lambda a: a[0], lambda t: [t], plain=True)
+    return HFTensor(name, (p,), (pname,), lambda a: a[0], lambda t: [t])
 
 
 def hf_transposed(name, p, pname) -> HFTensor:
@@ -620,7 +618,7 @@ class _ArrayInfo:
 
 class _ArraySource:
     """A ``{name: array}`` dict offering what :class:`~minblip.safetensors.Checkpoint`
-    offers: ``names``, ``info``, ``read`` (a converted copy) and ``read_into``."""
+    offers: ``names``, ``info``, ``read`` and ``tensor`` (both a converted copy)."""
 
     def __init__(self, tensors: dict):
         self._tensors = tensors
@@ -640,8 +638,7 @@ class _ArraySource:
         a = np.asarray(self._tensors[name])
         return np.array(a, dtype=dtype if dtype is not None and a.dtype.kind == "f" else None)
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        np.copyto(out, np.asarray(self._tensors[name]), casting="unsafe")
+    tensor = read  # always a copy: the model must not share the caller's arrays
 
 
 def _as_source(tensors):
@@ -653,8 +650,9 @@ def _adopt(p, array: np.ndarray) -> None:
     gradient keeps its values when only the layout changes."""
     if array.shape != p.shape:
         raise AssertionError(f"internal: {array.shape} does not fit a Param {p.shape}")
+    placeholder = p.placeholder
     p.data = array
-    if p.grad.dtype != array.dtype:
+    if placeholder or p.grad.dtype != array.dtype:
         p.grad = np.zeros(array.shape, array.dtype)  # untouched zeros cost no memory
 
 
@@ -669,9 +667,12 @@ def fit(entries: list[HFTensor], tensors, what: str, source: str, hints=(),
     ``position_ids`` buffers holding 0, 1, 2, ...). Otherwise one ValueError
     lists every missing, unexpected, misshapen and untied tensor.
 
-    Then each tensor is converted once into ``dtype`` (default: each Param's
-    own): straight into the Param when it holds the tensor as stored, else into
-    a fresh array of the stored layout that the Params take views of.
+    Then the Params take views of each tensor in ``dtype`` (default: each
+    Param's own): the file's memory map itself when it holds that dtype, else
+    its one conversion; in the stored layout either way (a Linear weight is
+    the transposed view, the three parts of a fused qkv are views of one array).
+    A dict's arrays are copied first. A Param of a model built inside
+    :func:`minblip.core.deferred_params` gets its first real array here.
     """
     src = _as_source(tensors)
     known = {t.name for t in entries}
@@ -713,14 +714,9 @@ def fit(entries: list[HFTensor], tensors, what: str, source: str, hints=(),
     for t in entries:
         if t.tied_to is not None:
             continue
-        want = np.dtype(t.params[0].dtype if dtype is None else dtype)
-        p = t.params[0]
-        if t.plain and p.data.dtype == want and p.data.flags.c_contiguous:
-            src.read_into(t.name, p.data)  # from the file straight into the Param
-        else:
-            stored = src.read(t.name, want)  # one conversion, in the stored layout
-            for p, part in zip(t.params, t.from_hf(stored)):
-                _adopt(p, part)  # views of it: a transposed weight, a third of a fused qkv
+        stored = src.tensor(t.name, t.params[0].dtype if dtype is None else dtype)
+        for p, part in zip(t.params, t.from_hf(stored)):
+            _adopt(p, part)  # views: a transposed weight, a third of a fused qkv
 
 
 def load_hf_state_dict(model: BLIP, tensors, kind: str | None = None,
@@ -893,29 +889,33 @@ def read_hf_config(directory) -> dict:
 class ZeroInit:
     """Stands in for the random generator while a model is built only to have every
     value overwritten by a checkpoint: drawing 200 million normals for BLIP-base
-    takes seconds, zeros take nothing. Anything but ``normal`` and ``uniform`` is
-    passed on to a real generator."""
+    takes seconds, zeros take nothing. The zeros are one broadcast scalar (no
+    memory of their own), so building allocates nothing but the Params, and their
+    gradients stay untouched pages until a backward uses them. Anything but
+    ``normal`` and ``uniform`` is passed on to a real generator."""
 
     def __init__(self):
         self._rng = np.random.default_rng(0)
 
     def normal(self, loc=0.0, scale=1.0, size=None):
-        return np.zeros(size)
+        return np.broadcast_to(np.float32(0.0), () if size is None else size)
 
     def uniform(self, low=0.0, high=1.0, size=None):
-        return np.zeros(size)
+        return np.broadcast_to(np.float32(0.0), () if size is None else size)
 
     def __getattr__(self, name):
         return getattr(self._rng, name)
 
 
 def _build(cfg: BLIPConfig, kind: str) -> BLIP:
-    """A BLIP holding exactly the modules of the Hugging Face ``kind``, float32.
-    Retrieval and captioning are built with ``sharing="all"`` so only one text
-    transformer is allocated, and the half the checkpoint does not have is
-    dropped (set to None); VQA's encoder and decoder share nothing."""
+    """A BLIP holding exactly the modules of the Hugging Face ``kind``, its large
+    Params placeholders (:func:`minblip.core.deferred_params`) until the file
+    fills them. Retrieval and captioning are built with ``sharing="all"`` so
+    only one text transformer exists, and the half the checkpoint does not
+    have is dropped (set to None); VQA's encoder and decoder share nothing."""
     sharing = "none" if kind == "vqa" else "all"
-    model = BLIP(replace(cfg, sharing=sharing), ZeroInit())
+    with deferred_params():
+        model = BLIP(replace(cfg, sharing=sharing), ZeroInit())
     if kind == "retrieval":
         model.text_decoder = None
     elif kind == "captioning":
@@ -923,6 +923,16 @@ def _build(cfg: BLIPConfig, kind: str) -> BLIP:
     if kind != "retrieval":
         model.vision_proj = model.text_proj = model.itm_head = model.temp = None
     return model
+
+
+def finish_loading(model, dtype) -> None:
+    """After :func:`fit`: every placeholder of a deferred build must have its data,
+    and what the file did not hold (small Params such as retrieval's ``temp``)
+    goes to ``dtype``; the loaded Params are in it already."""
+    left = [name for name, p in model.named_params(include_frozen=True) if p.placeholder]
+    if left:
+        raise AssertionError(f"internal: the checkpoint filled no data for {left[:5]}")
+    model.to(dtype)
 
 
 def blip_kind(hf_config: dict, directory) -> str:
@@ -960,7 +970,7 @@ def load_blip(directory, dtype=np.float32, *, kind: str | None = None,
                              f"{directory}/config.json", _kind_hints(kind))
     model = _build(cfg, kind)
     load_hf_state_dict(model, checkpoint, kind, source=checkpoint.source, dtype=dtype)
-    model.to(dtype)  # what the file did not hold (retrieval's temp); the rest is dtype already
+    finish_loading(model, dtype)
     model.hf_config = hf_config
     return model
 
@@ -1065,7 +1075,7 @@ def caption_generate(model: BLIP, images, prompt_ids=None, **decoding) -> list[n
     ``num_beams``, ``top_p``, ``repetition_penalty``, ``rng``).
     """
     prompt, sep = caption_token_ids(model, prompt_ids)
-    embeds, _ = model.visual_encoder.forward(images)
+    embeds, _ = model.visual_encoder.forward(images, keep_cache=False)
     out = generate(model.text_decoder, embeds, prompt, sep_id=sep, **decoding)
     return [np.concatenate([prompt, tokens]) for tokens in out.tokens]
 
@@ -1091,7 +1101,7 @@ def vqa_generate(model: BLIP, images, question_ids, question_mask=None, *,
     if enc_id is not None:
         ids[:, 0] = enc_id
     text = _text_ids(model)
-    embeds, _ = model.visual_encoder.forward(images)
+    embeds, _ = model.visual_encoder.forward(images, keep_cache=False)
     question, _ = model.text_encoder.forward(ids, question_mask, embeds)  # (B, T, D)
     start = np.array([text["bos_token_id"]])
     out = generate(model.text_decoder, question, start, sep_id=int(text["sep_token_id"]),

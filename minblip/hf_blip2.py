@@ -43,10 +43,11 @@ import numpy as np
 
 from .blip2_stage2 import Blip2Stage2
 from .generation import generate
-from .hf import (Checkpoint, HFTensor, ZeroInit, check_against_checkpoint, check_limits, fit,
-                 hf_copy, hf_layer_norm, hf_linear, mark_tied, number, qformer_config_from_hf,
-                 qformer_expected_shapes, qformer_tensors, read_hf_config, square,
-                 state_dict_of, vit_expected_shapes, vit_tensors)
+from .core import deferred_params
+from .hf import (Checkpoint, HFTensor, ZeroInit, check_against_checkpoint, check_limits,
+                 finish_loading, fit, hf_copy, hf_layer_norm, hf_linear, mark_tied, number,
+                 qformer_config_from_hf, qformer_expected_shapes, qformer_tensors,
+                 read_hf_config, square, state_dict_of, vit_expected_shapes, vit_tensors)
 from .layers import LayerNorm
 from .lm import LanguageModel, LMConfig, SoftPromptDecoder
 from .qformer import QFormer, QFormerConfig
@@ -234,13 +235,16 @@ def blip2_state_dict(model: Blip2Stage2, include_tied: bool = False) -> dict[str
 def _build(c: Blip2Configs) -> Blip2Stage2:
     """The model of these configs with zeros for values (the loader overwrites them).
     The Q-Former's text embeddings are built with one word and one position:
-    BLIP-2's generation model has none (stage 2 strips them)."""
+    BLIP-2's generation model has none (stage 2 strips them). Large Params are
+    placeholders (:func:`minblip.core.deferred_params`)."""
     rng = ZeroInit()
-    vit = VisionTransformer(c.vision, rng)
     qcfg = QFormerConfig(**{**c.qformer.to_dict(), "vocab_size": 1, "max_positions": 1,
                             "pad_id": 0})
-    lm = LanguageModel(c.lm, rng)
-    return Blip2Stage2(vit, LayerNorm(c.vision.width, c.vision_eps), QFormer(qcfg, rng), lm, rng)
+    with deferred_params():  # placeholders until the file fills them
+        vit = VisionTransformer(c.vision, rng)
+        lm = LanguageModel(c.lm, rng)
+        return Blip2Stage2(vit, LayerNorm(c.vision.width, c.vision_eps), QFormer(qcfg, rng), lm,
+                           rng)
 
 
 def load_blip2(directory, dtype=np.float32) -> Blip2Stage2:
@@ -259,7 +263,7 @@ def load_blip2(directory, dtype=np.float32) -> Blip2Stage2:
     model = _build(configs)
     fit(blip2_tensors(model), checkpoint, "a minblip BLIP-2 (OPT) of this config",
         checkpoint.source, dtype=dtype)
-    model.to(dtype)
+    finish_loading(model, dtype)
     model.hf_config, model.configs = hf_config, configs
     return model
 
@@ -277,10 +281,11 @@ def load_opt(directory, dtype=np.float32) -> LanguageModel:
               (f"{d}.layers.0.fc1.weight", (cfg.mlp_dim, cfg.width))]
     check_against_checkpoint(checkpoint, shapes, [(f"{d}.layers.", cfg.depth)],
                              f"{directory}/config.json")
-    lm = LanguageModel(cfg, ZeroInit())
+    with deferred_params():
+        lm = LanguageModel(cfg, ZeroInit())
     fit(mark_tied(opt_tensors(lm, prefix="", mprefix="")), checkpoint,
         "a minblip OPT language model of this config", checkpoint.source, dtype=dtype)
-    lm.to(dtype)
+    finish_loading(lm, dtype)
     lm.hf_config = hf_config
     return lm
 

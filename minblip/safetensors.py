@@ -18,14 +18,18 @@ Reading without a copy of the file
 :class:`SafetensorsFile` reads only the header when it opens a file. A tensor's
 bytes are reached through ``np.memmap``: the operating system maps that part of
 the file into the address space and pages it in as it is read, so the file is
-never held in memory as a whole, and no second copy of it is made. Each tensor
-is then converted once, straight from the mapped bytes, into an array of the
-working dtype (:meth:`SafetensorsFile.read`, or :meth:`~SafetensorsFile.read_into`
-into an existing array), and its mapping is dropped again. Loading a model this
-way holds the model (in the working dtype) plus one tensor's mapping at a time;
-reading the file into memory first and converting it would hold the file, its
-conversion and the model. For BLIP-2 OPT-2.7b (7.8 GB in float16, 15.5 GB as
-float32) that is the difference between fitting a 24 GB machine and not.
+never held in memory as a whole, and no second copy of it is made. A tensor
+already stored in the working dtype is used in place
+(:meth:`SafetensorsFile.tensor` returns the map itself, copy-on-write: the
+model's values *are* the file's pages, read when first used, as transformers
+does). Any other is converted once, straight from the mapped bytes, into an
+array of the working dtype (:meth:`~SafetensorsFile.read`, or
+:meth:`~SafetensorsFile.read_into` into an existing array), and its mapping is
+dropped again. Loading a model this way holds the model (in the working dtype)
+plus one tensor's mapping at a time; reading the file into memory first and
+converting it would hold the file, its conversion and the model. For BLIP-2
+OPT-2.7b (7.8 GB in float16, 15.5 GB as float32) that is the difference
+between fitting a 24 GB machine and not.
 
 float16 is converted by NumPy; bfloat16, which NumPy lacks, is the upper half
 of a float32, so it is widened by shifting its 16 bits into place.
@@ -202,16 +206,32 @@ class SafetensorsFile:
                          "data_offsets": [t.begin, t.end]}
         return out
 
-    def mapped(self, name: str) -> np.ndarray:
-        """The stored bytes of one tensor as a read-only memory-mapped array of
-        its stored dtype (bfloat16 as uint16 bits). Nothing is read until it is
-        used; the mapping lasts as long as the array."""
+    def mapped(self, name: str, copy_on_write: bool = False) -> np.ndarray:
+        """The stored bytes of one tensor as a memory-mapped array of its stored
+        dtype (bfloat16 as uint16 bits). Nothing is read until it is used; the
+        mapping lasts as long as the array (or a view of it). Read-only, or with
+        ``copy_on_write`` writable: a page written to becomes the process's own
+        copy, and the file never changes."""
         t = self.info(name)
         stored = STORED[t.dtype]
         if t.size == 0:  # mmap cannot map zero bytes
             return np.empty(t.shape, stored)
-        return np.memmap(self.path, dtype=stored, mode="r", offset=self._start + t.begin,
-                         shape=t.shape)
+        return np.memmap(self.path, dtype=stored, mode="c" if copy_on_write else "r",
+                         offset=self._start + t.begin, shape=t.shape)
+
+    def tensor(self, name: str, dtype=None) -> np.ndarray:
+        """One tensor in ``dtype`` (default as :meth:`read`), writable, without a
+        copy when the file already holds it in that dtype: then it is the file's
+        copy-on-write memory map, paged in as it is used. Otherwise (another
+        dtype, or bytes not aligned for their dtype) it is converted once, as
+        :meth:`read` does."""
+        t = self.info(name)
+        want = _DEFAULT[t.dtype] if dtype is None or not t.is_float else np.dtype(dtype)
+        if t.dtype != "BF16" and STORED[t.dtype] == want.newbyteorder("<"):
+            mapped = np.asarray(self.mapped(name, copy_on_write=True))  # a plain ndarray view
+            if mapped.flags.aligned and mapped.dtype.isnative:
+                return mapped
+        return self.read(name, want)
 
     def read(self, name: str, dtype=None) -> np.ndarray:
         """One tensor converted once into a fresh, writable, native-order array.
@@ -305,8 +325,9 @@ class Checkpoint:
 
     ``model.safetensors``, or ``model.safetensors.index.json`` whose
     ``weight_map`` names the shard of every tensor. Only headers are read when
-    it opens; ``names``, ``info(name)``, ``read(name, dtype)`` and
-    ``read_into(name, out)`` work as on :class:`SafetensorsFile`, across shards.
+    it opens; ``names``, ``info(name)``, ``read(name, dtype)``,
+    ``tensor(name, dtype)`` and ``read_into(name, out)`` work as on
+    :class:`SafetensorsFile`, across shards.
     The index and the shards' headers must agree exactly: each listed tensor
     in its shard, no tensor in a shard that the index does not list.
     """
@@ -371,6 +392,9 @@ class Checkpoint:
 
     def read(self, name: str, dtype=None) -> np.ndarray:
         return self._where[name].read(name, dtype)
+
+    def tensor(self, name: str, dtype=None) -> np.ndarray:
+        return self._where[name].tensor(name, dtype)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         self._where[name].read_into(name, out)

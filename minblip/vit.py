@@ -269,9 +269,15 @@ class VisionTransformer(Module):
                        for _ in range(c.depth)]
         self.norm = LayerNorm(D, eps=c.eps) if c.final_norm else None
 
-    def forward(self, images, rng: np.random.Generator | None = None):
+    def forward(self, images, rng: np.random.Generator | None = None, keep_cache: bool = True):
         """images (B, C, H, W) float, cast to the model's dtype -> (image_embeds
-        (B, 1+N, D), cache). ``rng`` drives dropout; None means evaluation."""
+        (B, 1+N, D), cache). ``rng`` drives dropout; None means evaluation.
+
+        ``keep_cache=False`` is for inference: each block's cache is dropped as
+        soon as the next block runs, so a large ViT holds one block's
+        intermediates at a time instead of all of them (ViT-B at 384 px: its
+        attention weights alone are 16 MB a block), and the cache returned is
+        None (no backward)."""
         c = self.config
         _check_images(images, c.channels, c.image_size, "VisionTransformer")
         images = images.astype(self.dtype, copy=False)
@@ -284,11 +290,12 @@ class VisionTransformer(Module):
         c_blocks = []
         for block in self.blocks:
             x, c_block = block.forward(x, rng=rng)  # (B, 1+N, D) -> (B, 1+N, D), no mask
-            c_blocks.append(c_block)
+            if keep_cache:
+                c_blocks.append(c_block)
         c_norm = None
         if self.norm is not None:
             x, c_norm = self.norm.forward(x)  # every token is normalised, [CLS] included
-        return x, (c_patch, c_drop, c_blocks, c_norm)
+        return x, ((c_patch, c_drop, c_blocks, c_norm) if keep_cache else None)
 
     def backward(self, d_image_embeds, cache):
         """d_image_embeds (B, 1+N, D) -> d_images (B, C, H, W); adds into every Param."""

@@ -208,3 +208,49 @@ def test_the_config_message_names_each_disagreement(tmp_path):
 def test_config_values_are_named_when_wrong(key, value, message):
     with pytest.raises(ValueError, match=message):
         hf.blip_config_from_hf({"model_type": "blip", "text_config": {key: value}})
+
+
+# ---------------------------------------------------------------------------------------
+# Building without values, loading without copies
+# ---------------------------------------------------------------------------------------
+
+def test_a_deferred_build_allocates_no_large_param():
+    from minblip.core import DEFERRED_MIN_SIZE, Param, deferred_params
+    from minblip.layers import Linear
+    tracemalloc.start()
+    try:
+        with deferred_params():
+            big = Linear(2000, 3000, hf.ZeroInit())  # 24 MB as float32; zeros drawn free
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20 and big.W.placeholder and big.W.shape == (2000, 3000)
+    assert not big.b.placeholder and big.b.size < DEFERRED_MIN_SIZE  # small: made as usual
+    big.W.data[0, 0] = 5.0  # an initialiser's write lands on the one placeholder element
+    big.W.astype(np.float64)
+    assert big.W.placeholder and big.W.dtype == np.float64
+    assert not Param(np.zeros((100, 100))).placeholder  # outside the block: as always
+
+
+def test_a_float32_file_is_used_in_place_and_a_float16_file_converted_once(tmp_path):
+    from test_hf_interop import tiny_model
+    model, tok = tiny_model()
+    hf.save_blip(model, tmp_path / "f32", "captioning", tokenizer=tok)
+    loaded = hf.load_blip_captioning(tmp_path / "f32")
+    W = loaded.text_decoder.bert.layers[0].ffn.fc1.W.data  # (d_in, d_out) of a (d_out, d_in)
+    root = W
+    while root.base is not None and not isinstance(root, np.memmap):
+        root = root.base
+    assert isinstance(root, np.memmap) and W.flags.f_contiguous and W.flags.writeable
+    before = float(W[0, 0])
+    W[0, 0] += 1.0  # copy-on-write: the model changes, the file does not
+    again = hf.load_blip_captioning(tmp_path / "f32")
+    assert again.text_decoder.bert.layers[0].ffn.fc1.W.data[0, 0] == before != W[0, 0]
+    tensors = hf.read_hf_tensors(tmp_path / "f32")
+    write_safetensors(tmp_path / "f32" / "model.safetensors",
+                      {k: v.astype(np.float16) for k, v in tensors.items()})
+    half = hf.load_blip_captioning(tmp_path / "f32")
+    W16 = half.text_decoder.bert.layers[0].ffn.fc1.W.data
+    assert W16.dtype == np.float32 and not isinstance(W16.base, np.memmap)
+    np.testing.assert_array_equal(W16, tensors["text_decoder.bert.encoder.layer.0.intermediate"
+                                               ".dense.weight"].astype(np.float16).T)

@@ -166,6 +166,14 @@ def test_vit_key_bias_cannot_change_the_output():
     np.testing.assert_allclose(vit.forward(images)[0], before, atol=1e-12)
 
 
+def test_forward_without_cache_gives_the_same_embeddings():
+    vit = tiny_vit()
+    images = np.random.default_rng(3).standard_normal((2, 3, 8, 8))
+    out, cache = vit.forward(images, keep_cache=False)
+    assert cache is None
+    np.testing.assert_array_equal(out, vit.forward(images)[0])
+
+
 def test_vit_gradcheck_with_dropout():
     """Dropout on the position-embedded tokens, the attention weights and the
     residual branches, with the masks fixed by re-seeding the generator."""
