@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenizer import row_of_ids
+
 # Oniguruma's \s in Unicode mode: \t \n \v \f \r, NEL, and the separator categories
 _SPACE_CONTROLS = frozenset("\t\n\x0b\x0c\r\x85")
 _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an ASCII apostrophe
@@ -372,12 +374,7 @@ class ByteLevelBPETokenizer:
         """1-d ids -> text: tokens joined, byte characters back to bytes, UTF-8
         decoded (invalid bytes become U+FFFD); special tokens dropped if asked,
         else written as they are."""
-        ids = np.asarray(ids)
-        if ids.size == 0:
-            return ""
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"decode: expected a 1-d array of integer ids, got shape "
-                             f"{ids.shape} and dtype {ids.dtype}")
+        ids = row_of_ids(ids)
         unknown = [i for i in ids.tolist() if i not in self._tokens]
         if unknown:
             raise ValueError(f"decode: no token has id {unknown[:5]}")

@@ -124,13 +124,29 @@ LIMITS = {"width": 1 << 16, "depth": 1 << 10, "vocab": 1 << 22, "positions": 1 <
           "image": 1 << 14, "queries": 1 << 12}
 
 
-def check_limits(values: dict, where: str) -> None:
-    """values: ``{key: (value, limit name)}`` -> ValueError naming the first value
-    that is not an int in [1, LIMITS[limit name]]."""
-    for key, (value, kind) in values.items():
-        top = LIMITS[kind]
+def setting_name(where: str, key: str) -> str:
+    """``where.key``, the name of a setting in a config.json section ("" is the top)."""
+    return f"{where}.{key}" if where else key
+
+
+def check_limits(section: dict, where: str, **kinds) -> None:
+    """Each ``section[key]`` named in ``kinds`` (``key="width"``, a name in
+    :data:`LIMITS`) must be an int in [1, its limit]; else a ValueError naming
+    ``config.json: where.key``. ``where`` is the config's section ("" for the top)."""
+    for key, kind in kinds.items():
+        value, top = section[key], LIMITS[kind]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-            raise ValueError(f"{where}: {key} must be an int in [1, {top}], got {value!r}")
+            raise ValueError(f"config.json: {setting_name(where, key)} must be an int in "
+                             f"[1, {top}], got {value!r}")
+
+
+def check_vision_limits(v: dict) -> None:
+    """The sizes of a BLIP or BLIP-2 ``vision_config`` (defaults filled in)."""
+    square_sizes = {**v, "image_size": square(v["image_size"], "images"),
+                    "patch_size": square(v["patch_size"], "patches")}
+    check_limits(square_sizes, "vision_config", hidden_size="width", intermediate_size="width",
+                 num_hidden_layers="depth", num_attention_heads="width", image_size="image",
+                 patch_size="image")
 
 
 def layer_indices(names, prefix: str) -> set[int]:
@@ -250,7 +266,8 @@ def number(sub: dict, key: str, where: str) -> float:
     """A float setting of a config section, or an error naming the key."""
     value = sub[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config.json: {where}.{key} must be a number, got {value!r}")
+        raise ValueError(f"config.json: {setting_name(where, key)} must be a number, got "
+                         f"{value!r}")
     return float(value)
 
 
@@ -272,21 +289,12 @@ def blip_config_from_hf(hf_config: dict, *, vision_eps: float | None = None,
                              f"got {sub['hidden_act']!r}")
     t.setdefault("encoder_hidden_size", v["hidden_size"])
     embed_dim = hf_config.get("image_text_hidden_size", 256)
-    check_limits({"vision_config.hidden_size": (v["hidden_size"], "width"),
-                  "vision_config.intermediate_size": (v["intermediate_size"], "width"),
-                  "vision_config.num_hidden_layers": (v["num_hidden_layers"], "depth"),
-                  "vision_config.num_attention_heads": (v["num_attention_heads"], "width"),
-                  "vision_config.image_size": (square(v["image_size"], "images"), "image"),
-                  "vision_config.patch_size": (square(v["patch_size"], "patches"), "image"),
-                  "text_config.vocab_size": (t["vocab_size"], "vocab"),
-                  "text_config.hidden_size": (t["hidden_size"], "width"),
-                  "text_config.intermediate_size": (t["intermediate_size"], "width"),
-                  "text_config.num_hidden_layers": (t["num_hidden_layers"], "depth"),
-                  "text_config.num_attention_heads": (t["num_attention_heads"], "width"),
-                  "text_config.max_position_embeddings": (t["max_position_embeddings"],
-                                                          "positions"),
-                  "text_config.encoder_hidden_size": (t["encoder_hidden_size"], "width"),
-                  "image_text_hidden_size": (embed_dim, "width")}, "config.json")
+    check_vision_limits(v)
+    check_limits(t, "text_config", vocab_size="vocab", hidden_size="width",
+                 intermediate_size="width", num_hidden_layers="depth",
+                 num_attention_heads="width", max_position_embeddings="positions",
+                 encoder_hidden_size="width")
+    check_limits({"image_text_hidden_size": embed_dim}, "", image_text_hidden_size="width")
     vision = ViTConfig(image_size=square(v["image_size"], "images"),
                        patch_size=square(v["patch_size"], "patches"), channels=3,
                        width=v["hidden_size"], depth=v["num_hidden_layers"],
@@ -802,17 +810,11 @@ def qformer_config_from_hf(hf_config: dict, num_queries: int = 32) -> QFormerCon
          "encoder_hidden_size": 1408, **hf_config}
     if c["hidden_act"] != "gelu":
         raise ValueError(f"Q-Former config: hidden_act must be 'gelu', got {c['hidden_act']!r}")
-    check_limits({"qformer_config.vocab_size": (c["vocab_size"], "vocab"),
-                  "qformer_config.hidden_size": (c["hidden_size"], "width"),
-                  "qformer_config.num_hidden_layers": (c["num_hidden_layers"], "depth"),
-                  "qformer_config.num_attention_heads": (c["num_attention_heads"], "width"),
-                  "qformer_config.intermediate_size": (c["intermediate_size"], "width"),
-                  "qformer_config.cross_attention_frequency": (c["cross_attention_frequency"],
-                                                               "depth"),
-                  "qformer_config.encoder_hidden_size": (c["encoder_hidden_size"], "width"),
-                  "qformer_config.max_position_embeddings": (c["max_position_embeddings"],
-                                                             "positions"),
-                  "num_query_tokens": (num_queries, "queries")}, "config.json")
+    check_limits(c, "qformer_config", vocab_size="vocab", hidden_size="width",
+                 num_hidden_layers="depth", num_attention_heads="width",
+                 intermediate_size="width", cross_attention_frequency="depth",
+                 encoder_hidden_size="width", max_position_embeddings="positions")
+    check_limits({"num_query_tokens": num_queries}, "", num_query_tokens="queries")
     return QFormerConfig(vocab_size=c["vocab_size"], width=c["hidden_size"],
                          depth=c["num_hidden_layers"], heads=c["num_attention_heads"],
                          mlp_dim=c["intermediate_size"], num_queries=num_queries,

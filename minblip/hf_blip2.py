@@ -45,9 +45,10 @@ from .blip2_stage2 import Blip2Stage2
 from .generation import generate
 from .core import deferred_params
 from .hf import (Checkpoint, HFTensor, ZeroInit, check_against_checkpoint, check_limits,
-                 finish_loading, fit, hf_copy, hf_layer_norm, hf_linear, mark_tied, number,
-                 qformer_config_from_hf, qformer_expected_shapes, qformer_tensors,
-                 read_hf_config, square, state_dict_of, vit_expected_shapes, vit_tensors)
+                 check_vision_limits, finish_loading, fit, hf_copy, hf_layer_norm, hf_linear,
+                 mark_tied, number, qformer_config_from_hf, qformer_expected_shapes,
+                 qformer_tensors, read_hf_config, setting_name, square, state_dict_of,
+                 vit_expected_shapes, vit_tensors)
 from .layers import LayerNorm
 from .lm import LanguageModel, LMConfig, SoftPromptDecoder
 from .qformer import QFormer, QFormerConfig
@@ -86,37 +87,34 @@ class Blip2Configs:
 
 def _setting(sub: dict, key: str, where: str, kind: type = bool):
     value = sub[key]
-    if not isinstance(value, kind):
-        raise ValueError(f"config.json: {where}.{key} must be {kind.__name__}, got {value!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config.json: {setting_name(where, key)} must be {kind.__name__}, "
+                         f"got {value!r}")
     return value
 
 
 def opt_config_from_hf(text: dict, where: str = "text_config") -> LMConfig:
-    """An ``OPTConfig`` dict (BLIP-2's ``text_config``, or an OPT's own config.json)
-    -> :class:`minblip.lm.LMConfig` with OPT's position offset and, when
-    ``word_embed_proj_dim`` differs from ``hidden_size``, project in/out."""
+    """An ``OPTConfig`` dict (BLIP-2's ``text_config``, or with ``where=""`` an OPT's
+    own config.json) -> :class:`minblip.lm.LMConfig` with OPT's position offset
+    and, when ``word_embed_proj_dim`` differs from ``hidden_size``, project in/out."""
     t = {**_OPT_DEFAULTS, **text}
     if t.get("model_type", "opt") != "opt":
-        raise ValueError(f"config.json: minblip loads OPT language models; {where}.model_type "
-                         f"is {t.get('model_type')!r} (the encoder-decoder FlanT5 variant of "
-                         f"BLIP-2 is not supported)")
+        raise ValueError(f"config.json: minblip loads OPT language models; "
+                         f"{setting_name(where, 'model_type')} is {t.get('model_type')!r} (the "
+                         f"encoder-decoder FlanT5 variant of BLIP-2 is not supported)")
     if t["word_embed_proj_dim"] is None:
         t["word_embed_proj_dim"] = t["hidden_size"]
     if t["activation_function"] not in ("relu", "gelu"):
-        raise ValueError(f"config.json: {where}.activation_function must be 'relu' or 'gelu', "
-                         f"got {t['activation_function']!r}")
+        raise ValueError(f"config.json: {setting_name(where, 'activation_function')} must be "
+                         f"'relu' or 'gelu', got {t['activation_function']!r}")
     for key in ("do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine"):
         if _setting(t, key, where) is not True:
-            raise ValueError(f"config.json: {where}.{key} must be true (minblip has the "
-                             f"pre-norm OPTs with biases and LayerNorm gains, as BLIP-2 uses)")
-    check_limits({f"{where}.vocab_size": (t["vocab_size"], "vocab"),
-                  f"{where}.hidden_size": (t["hidden_size"], "width"),
-                  f"{where}.word_embed_proj_dim": (t["word_embed_proj_dim"], "width"),
-                  f"{where}.ffn_dim": (t["ffn_dim"], "width"),
-                  f"{where}.num_hidden_layers": (t["num_hidden_layers"], "depth"),
-                  f"{where}.num_attention_heads": (t["num_attention_heads"], "width"),
-                  f"{where}.max_position_embeddings": (t["max_position_embeddings"],
-                                                       "positions")}, "config.json")
+            raise ValueError(f"config.json: {setting_name(where, key)} must be true (minblip "
+                             f"has the pre-norm OPTs with biases and LayerNorm gains, as BLIP-2 "
+                             f"uses)")
+    check_limits(t, where, vocab_size="vocab", hidden_size="width", word_embed_proj_dim="width",
+                 ffn_dim="width", num_hidden_layers="depth", num_attention_heads="width",
+                 max_position_embeddings="positions")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         _setting(t, key, where, int)
     return LMConfig(vocab_size=t["vocab_size"], width=t["hidden_size"],
@@ -143,13 +141,7 @@ def blip2_configs_from_hf(hf_config: dict) -> Blip2Configs:
     if v["hidden_act"] != "gelu":
         raise ValueError(f"config.json: vision_config.hidden_act must be 'gelu' (exact erf "
                          f"GELU), got {v['hidden_act']!r}")
-    check_limits({"vision_config.hidden_size": (v["hidden_size"], "width"),
-                  "vision_config.intermediate_size": (v["intermediate_size"], "width"),
-                  "vision_config.num_hidden_layers": (v["num_hidden_layers"], "depth"),
-                  "vision_config.num_attention_heads": (v["num_attention_heads"], "width"),
-                  "vision_config.image_size": (square(v["image_size"], "images"), "image"),
-                  "vision_config.patch_size": (square(v["patch_size"], "patches"), "image")},
-                 "config.json")
+    check_vision_limits(v)
     vision_eps = number(v, "layer_norm_eps", "vision_config")
     vision = ViTConfig(image_size=square(v["image_size"], "images"),
                        patch_size=square(v["patch_size"], "patches"), channels=3,
@@ -272,7 +264,7 @@ def load_opt(directory, dtype=np.float32) -> LanguageModel:
     """A Hugging Face ``OPTForCausalLM`` folder -> :class:`minblip.lm.LanguageModel`
     (loaded as :func:`load_blip2` loads; the language model of BLIP-2 on its own)."""
     hf_config = read_hf_config(directory)
-    cfg = opt_config_from_hf(hf_config, "config.json")
+    cfg = opt_config_from_hf(hf_config, "")
     checkpoint = Checkpoint(directory)
     d = "model.decoder"
     shapes = [(f"{d}.embed_tokens.weight", (cfg.vocab_size, cfg.token_width)),

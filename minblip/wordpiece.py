@@ -43,7 +43,7 @@ import unicodedata
 import numpy as np
 
 from .files import write_text_atomic
-from .tokenizer import encode_texts
+from .tokenizer import encode_texts, row_of_ids
 
 MAX_CHARS_PER_WORD = 100  # BERT's max_input_chars_per_word
 BLIP_TOKENS = ("[DEC]", "[ENC]")
@@ -277,12 +277,9 @@ class WordPieceTokenizer:
                clean_up_tokenization_spaces: bool = True) -> str:
         """1-d ids -> text: pieces joined, "##" continuations glued to the piece
         before, special tokens dropped if ``skip_special_tokens``."""
-        ids = np.asarray(ids)
+        ids = row_of_ids(ids)
         if ids.size == 0:
             return ""
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"decode: expected a 1-d array of integer ids, got shape "
-                             f"{ids.shape} and dtype {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.vocab_size)]
             raise ValueError(f"decode: token ids must lie in [0, {self.vocab_size}), got "

@@ -291,7 +291,7 @@ print(ids[0].tolist(), "->", repr(wp.decode(ids[0])))
 print("unknown word:", wp.tokenize("zebras"), "| [DEC], [ENC] ids:", wp.dec_id, wp.enc_id)
 
 # %% [markdown]
-# On 521 strings (accents, Chinese characters, emoji, control characters, special
+# On 523 strings (accents, Chinese characters, emoji, control characters, special
 # tokens, random mixtures) `minblip.wordpiece` produces the same tokens as
 # transformers' `BertTokenizer`s (`tests/test_torch_parity.py`). One detail separates
 # the two of them: lower-casing. transformers 5 (Rust) lower-cases character by
@@ -412,8 +412,8 @@ for g in meta["generations"][:1] + meta["generations"][-3:-2]:
                                   num_beams=g["num_beams"], max_length=g["max_length"],
                                   min_length=g["min_length"])[0]
     same = ids.tolist() == g["ids"]
-    print(f"{g['method']:<6} {g['num_beams']} beam(s): {bpe.decode(ids)!r} | transformers': "
-          f"{g['text']!r} | same ids: {same}")
+    print(f"{g['method']:<6} {g['num_beams']} beam(s): {bpe.decode(ids).strip()!r} | "
+          f"transformers': {g['text']!r} | same ids: {same}")
     assert same
 
 # %% [markdown]
@@ -483,8 +483,12 @@ print(f"memory-mapped, one tensor at a time: {model_gb:.1f} GB + at most "
 # from the page cache (shared with every other reader of the file, and dropped
 # when memory is short), and no copy of the file is made in the process. The
 # loader (`minblip.safetensors.Checkpoint`) opens only the headers; the config is
-# checked against them before anything is built; then each tensor is mapped,
-# converted once into the working dtype, and unmapped:
+# checked against them before anything is built (the model is built with
+# placeholders, `core.deferred_params`); then each tensor is mapped. One stored in
+# the working dtype stays mapped and *is* the Param's data (copy-on-write: a
+# training step writes private pages, never the file), paged in as the forward pass
+# reads it, as transformers does; any other (here float32 into float64, or a
+# float16 file) is converted once and unmapped:
 
 # %%
 name = "language_model.model.decoder.embed_tokens.weight"
@@ -501,28 +505,32 @@ print(type(mapped).__name__, mapped.dtype, mapped.shape, "| owns its memory:",
 # read either order. The three parts of a fused qkv are views of one array too:
 
 # %%
-att = blip2.visual_encoder.blocks[0].attn
+eva = blip2.visual_encoder.blocks[0].attn
 fc1 = blip2.language_model.layers[0].mlp.fc1.W.data
-print("q, v share one buffer:", att.query.W.data.base is att.value.W.data.base,
+print("q, v share one buffer:", eva.query.W.data.base is eva.value.W.data.base,
       "| fc1.W Fortran-ordered view:", fc1.flags.f_contiguous and fc1.base is not None)
-print("the EVA ViT has no key bias:", att.key.b is None)
+print("the EVA ViT has no key bias:", eva.key.b is None)
 
 # %% [markdown]
 # What that buys at full size is measured by `benchmarks/bench_hf_load.py` (a
 # random-initialised model of the real shapes, minblip and transformers one after the
-# other in fresh processes) and shown in the README. Its last BLIP-base run:
+# other in fresh processes) and shown in the README. Its last BLIP-base runs, a
+# float32 file (used in place) and a float16 one (converted once):
 
 # %%
 results_file = ROOT / "benchmarks" / "hf_load_results.json"
-measured = json.loads(results_file.read_text()).get("blip-base") if results_file.exists() else None
-if measured and "error" not in measured["minblip"]:
-    m, h = measured["minblip"], measured["hf"]
-    print(f"BLIP base, {m['weights_float32_mb']:.0f} MB of float32 weights: minblip loads in "
-          f"{m['load_seconds']:.2f} s with a peak of {m['load_peak_mb']:.0f} MB "
-          f"({measured['peak_over_weights']:.2f} x the weights); transformers in "
-          f"{h['load_seconds']:.2f} s, {h['load_peak_mb']:.0f} MB")
-else:
-    print("no measurement yet: python benchmarks/bench_hf_load.py --model blip-base")
+results = json.loads(results_file.read_text()) if results_file.exists() else {}
+for key in ("blip-base", "blip-base-float16"):
+    run = results.get(key)
+    if run is None or "error" in run["minblip"] or "error" in run["hf"]:
+        print(f"{key}: no measurement yet (python benchmarks/bench_hf_load.py --model {key})")
+        continue
+    m, h = run["minblip"], run["hf"]
+    print(f"{key}: {m['weights_float32_mb']:.0f} MB of float32 weights. Load: minblip "
+          f"{m['load_cpu_seconds']:.2f} s of CPU, peak {m['load_peak_mb']:.0f} MB "
+          f"({run['peak_over_weights']:.2f} x the weights); transformers "
+          f"{h['load_cpu_seconds']:.2f} s, {h['load_peak_mb']:.0f} MB. Load and two captions: "
+          f"peak {m['peak_mb']:.0f} MB against {h['peak_mb']:.0f} MB")
 
 
 # %% [markdown]

@@ -47,3 +47,29 @@ def test_markers_are_required(tmp_path):
     (tmp_path / "README.md").write_text("# no markers here\n")
     with pytest.raises(ValueError, match="performance table"):
         rt.update_readme(tmp_path / "r.json", tmp_path / "README.md")
+
+
+def load_benchmark(name):
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their neighbours
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_readme_full_size_section_matches_hf_load_results():
+    bench = load_benchmark("bench_hf_load")
+    assert bench.update_readme(ROOT / "benchmarks" / "hf_load_results.json",
+                               ROOT / "README.md", check=True), \
+        "run python benchmarks/bench_hf_load.py --readme-only"
+
+
+def test_full_size_section_says_what_is_not_measured():
+    bench = load_benchmark("bench_hf_load")
+    text = bench.render({})
+    assert text.count("Not measured yet") == 3
+    assert "--model blip2-opt-2.7b` (alone on the machine" in text
