@@ -147,7 +147,6 @@ def timed(fn):
 
 
 def worker(side: str, model: str, folder: str) -> dict:
-    import numpy as np
     common.use_repo()
     from minblip.image import preprocess
     blip = model.startswith("blip-base")
@@ -200,7 +199,6 @@ def worker(side: str, model: str, folder: str) -> dict:
         out[f"{name}_seconds"], out[f"{name}_cpu_seconds"], out[f"{name}_ids"] = wall, cpu, ids
     out["peak_mb"] = peak_mb() - before
     out["weights_float32_mb"] = out["parameters"] * 4 / 2**20
-    del np
     return out
 
 

@@ -95,7 +95,6 @@ counterpart and is ignored (it is 0 in every BLIP config).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -450,14 +449,16 @@ def vit_tensors(vit, prefix="vision_model", mprefix="visual_encoder",
     pe = vit.patch_embed
     shape = (D, pe.channels, pe.patch_size, pe.patch_size)
     out = [
-        hf_copy(f"{prefix}.embeddings.class_embedding", vit.cls_token, f"{mprefix}.cls_token"),
-        hf_copy(f"{prefix}.embeddings.position_embedding", vit.pos_embed, f"{mprefix}.pos_embed"),
+        hf_copy(f"{prefix}.embeddings.class_embedding", vit.cls_token,
+                f"{mprefix}.cls_token"),
+        hf_copy(f"{prefix}.embeddings.position_embedding", vit.pos_embed,
+                f"{mprefix}.pos_embed"),
         # Conv2d (D, C, p, p) <-> proj.W (C*p*p, D), as PatchEmbed.load_conv_weights maps it
         HFTensor(f"{prefix}.embeddings.patch_embedding.weight", (pe.proj.W,),
                  (f"{mprefix}.patch_embed.proj.W",),
                  lambda a: a[0].T.reshape(shape), lambda t: [t.reshape(D, -1).T]),
         hf_copy(f"{prefix}.embeddings.patch_embedding.bias", pe.proj.b,
-              f"{mprefix}.patch_embed.proj.b"),
+                f"{mprefix}.patch_embed.proj.b"),
     ]
     for i, blk in enumerate(vit.blocks):
         hp, mp = f"{prefix}.encoder.layers.{i}", f"{mprefix}.blocks.{i}"
@@ -495,20 +496,20 @@ def _bert_tensors(bert, prefix, mprefix) -> list[HFTensor]:
     """``BlipTextModel`` (no pooler) <-> :class:`minblip.text.TextTransformer`."""
     emb = bert.embeddings
     out = [hf_copy(f"{prefix}.embeddings.word_embeddings.weight", emb.word_embeddings.weight,
-                 f"{mprefix}.embeddings.word_embeddings.weight"),
+                   f"{mprefix}.embeddings.word_embeddings.weight"),
            hf_copy(f"{prefix}.embeddings.position_embeddings.weight",
-                 emb.position_embeddings.weight,
-                 f"{mprefix}.embeddings.position_embeddings.weight"),
+                   emb.position_embeddings.weight,
+                   f"{mprefix}.embeddings.position_embeddings.weight"),
            *hf_layer_norm(f"{prefix}.embeddings.LayerNorm", emb.layer_norm,
-                        f"{mprefix}.embeddings.layer_norm")]
+                          f"{mprefix}.embeddings.layer_norm")]
     for i, layer in enumerate(bert.layers):
         hp, mp = f"{prefix}.encoder.layer.{i}", f"{mprefix}.layers.{i}"
         out += [*_attention(f"{hp}.attention", layer.self_attn, f"{mp}.self_attn"),
                 *hf_layer_norm(f"{hp}.attention.output.LayerNorm", layer.self_attn_ln,
-                             f"{mp}.self_attn_ln"),
+                               f"{mp}.self_attn_ln"),
                 *_attention(f"{hp}.crossattention", layer.cross_attn, f"{mp}.cross_attn"),
                 *hf_layer_norm(f"{hp}.crossattention.output.LayerNorm", layer.cross_attn_ln,
-                             f"{mp}.cross_attn_ln"),
+                               f"{mp}.cross_attn_ln"),
                 *hf_linear(f"{hp}.intermediate.dense", layer.ffn.fc1, f"{mp}.ffn.fc1"),
                 *hf_linear(f"{hp}.output.dense", layer.ffn.fc2, f"{mp}.ffn.fc2"),
                 *hf_layer_norm(f"{hp}.output.LayerNorm", layer.ffn_ln, f"{mp}.ffn_ln")]

@@ -6,13 +6,14 @@ of transformers, and commit them under tests/fixtures/hf/.
 Needs torch, transformers and tokenizers (the optional reference environment of
 reference/README.md); the tests that read the result need none of them.
 Nothing is downloaded: every model is built from a config with random weights
-(``HF_HUB_OFFLINE=1``), every tokenizer trained here on this repository's
-README. Running it again rewrites the same files (seeded; the bytes can
-differ with another version of torch or tokenizers).
+(``HF_HUB_OFFLINE=1``), the tokenizer trained here on a fixed text. Running it
+again rewrites the same files (seeded; the bytes can differ with another
+version of torch or tokenizers).
 
 What it writes (``tests/fixtures/hf/``):
 
-* ``bpe/``: a byte-level BPE tokenizer laid out as an OPT hub folder
+* ``bpe/``: a byte-level BPE tokenizer (trained on :data:`CORPUS`) laid out as an OPT
+  hub folder
   (``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` with
   ``add_bos_token`` and the ``<image>`` token BLIP-2's processor adds);
   ``bpe_json/``: the same tokenizer as transformers 5 saves it
@@ -39,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +83,22 @@ ODD_STRINGS = [
 ]
 
 
+# The text the tokenizer is trained on: fixed here, so that the merges never change
+CORPUS = """\
+minblip is BLIP and BLIP-2 rebuilt from scratch in plain NumPy: every forward and every
+backward pass is written by hand, every concept has a notebook, and every gradient is
+checked against finite differences in float64. It reads the checkpoints of the reference
+models, captions a photograph, answers a question about it, and ranks images for a text.
+The image encoder is a vision transformer; the text side is a transformer that encodes,
+matches and decodes; BLIP-2 puts a small querying transformer between a frozen image
+encoder and a frozen language model, whose soft prompts are the projected queries.
+What is in the picture? A woman in a navy uniform. What colour is the flag? Red, white
+and blue. How many people are there? Two. Where is the hat? On the table, left of the cup.
+Questions and answers, captions and prompts, numbers like 12, 345 and 2024, and words
+such as don't, it's, we're, they've, I'm, you'll and she'd.
+"""
+
+
 def randomize(model, seed, scale=0.3):
     """Weights far from HF's init, so every output depends visibly on every tensor
     (LayerNorm gains around 1)."""
@@ -108,11 +124,11 @@ def pixels(size=IMAGE_SIZE):
 # The BPE tokenizer
 # ---------------------------------------------------------------------------------------
 
-def make_bpe(out: Path) -> dict:
+def make_bpe(out: Path):
     """Train a small byte-level BPE, write it as an OPT hub folder and as transformers 5
     saves it, and record transformers' ids and decodes of the odd strings."""
     from tokenizers import ByteLevelBPETokenizer
-    corpus = [(ROOT / "README.md").read_text(encoding="utf-8"), " ".join(ODD_STRINGS) * 3,
+    corpus = [CORPUS * 4, " ".join(ODD_STRINGS) * 3,
               (QUESTION + " a photo of a woman in a navy uniform\n") * 5]
     trained = ByteLevelBPETokenizer()
     trained.train_from_iterator(corpus, vocab_size=BPE_VOCAB, min_frequency=2,
@@ -149,7 +165,7 @@ def make_bpe(out: Path) -> dict:
                       "decoded": tok.decode(ids, skip_special_tokens=True),
                       "decoded_with_special": tok.decode(ids, skip_special_tokens=False)})
     write_json(out / "reference" / "bpe.json", {"transformers": _versions(), "cases": cases})
-    return {"tokenizer": tok}
+    return tok
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,11 +400,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "reference").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory():
-        tok = make_bpe(out)["tokenizer"]
-        make_blip2(out, tok)
-        make_opt(out)
-        make_vqa(out)
+    tok = make_bpe(out)
+    make_blip2(out, tok)
+    make_opt(out)
+    make_vqa(out)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1024:.0f} KB)")
     return 0

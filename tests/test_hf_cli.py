@@ -226,3 +226,17 @@ def test_a_broken_cache_entry_is_not_a_snapshot(tmp_path):
     (snapshot / "config.json").unlink()
     assert hf_hub.cached_snapshot("minblip/tiny-blip2", cache=tmp_path) is None
     assert hf_hub.cached_snapshot("minblip/other", cache=tmp_path) is None
+
+
+def test_a_minblip_checkpoint_caption_includes_the_prompt_too(tmp_path, capsys):
+    from test_train import TINY
+
+    from minblip.train import TrainConfig, blip_trainer
+    trainer = blip_trainer(TrainConfig(**{**TINY, "steps": 1, "warmup_steps": 0}))
+    trainer.save(tmp_path / "checkpoint.npz")
+    code, out, _ = run(capsys, "caption", PHOTO, "--checkpoint", str(tmp_path / "checkpoint.npz"),
+                       "--prompt", "a", "--method", "greedy", "--max-length", "6",
+                       "--min-length", "6")
+    words = printed(out)[0].split()
+    # [DEC] a + 4 tokens, of which an untrained model may write special ones (not printed)
+    assert code == 0 and words[0] == "a" and 1 < len(words) <= 1 + (6 - 2)
