@@ -343,12 +343,12 @@ def _count(text: str) -> int:
     return value
 
 
-def _pretrained_option(group, models: str) -> None:
+def _pretrained_option(group, models: str, example: str) -> None:
     group.add_argument("--from-pretrained", metavar="DIR_OR_NAME",
                        help=f"{models} Hugging Face model: a folder (config.json, "
                             f"safetensors, vocab.txt or vocab.json + merges.txt) or a model "
-                            f"name such as Salesforce/blip-image-captioning-base, found in the "
-                            f"local Hugging Face cache ($HF_HUB_CACHE or $HF_HOME/hub)")
+                            f"name such as {example}, found in the local Hugging Face cache "
+                            f"($HF_HUB_CACHE or $HF_HOME/hub)")
 
 
 def _download_option(p) -> None:
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
-    _pretrained_option(source, "a BlipForConditionalGeneration or a BLIP-2 (OPT)")
+    _pretrained_option(source, "a BlipForConditionalGeneration or a BLIP-2 (OPT)",
+                       "Salesforce/blip-image-captioning-base")
     _download_option(p)
     _decoding_options(p, "BLIP: beam search with 3 beams, 20 / 5 tokens counting [DEC] and the "
                          "prompt (BLIP's demo); BLIP-2: 5 beams, 30 / 1 new tokens after BOS and "
@@ -428,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
     p.add_argument("question", help="the question, e.g. \"what is the woman wearing?\"")
     source = p.add_mutually_exclusive_group(required=True)
-    _pretrained_option(source, "a BlipForQuestionAnswering or a BLIP-2 (OPT)")
+    _pretrained_option(source, "a BlipForQuestionAnswering or a BLIP-2 (OPT)",
+                       "Salesforce/blip-vqa-base")
     _download_option(p)
     _decoding_options(p, "BLIP VQA: beam search with 3 beams, 10 / 1 tokens counting [DEC] "
                          "(salesforce/BLIP); BLIP-2: 5 beams, 10 / 1 new tokens after the "
@@ -437,10 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrieve", help="rank image files for a text query")
     p.add_argument("images", nargs="+")
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", required=True, help="the text query")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
-    _pretrained_option(source, "a BlipForImageTextRetrieval")
+    _pretrained_option(source, "a BlipForImageTextRetrieval", "Salesforce/blip-itm-base-coco")
     _download_option(p)
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_retrieve)
