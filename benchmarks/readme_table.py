@@ -73,12 +73,13 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_between_markers(text: str, table: str, where: str) -> str:
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{where}: expected one '{BEGIN}' followed by one '{END}'")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def replace_between_markers(text: str, table: str, where: str, begin: str = BEGIN,
+                            end: str = END) -> str:
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{where}: expected one '{begin}' followed by one '{end}'")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
 
 
 def update_readme(results_path: Path, readme_path: Path, check: bool = False) -> bool:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m minblip {demo,train,eval,caption,retrieve,capfilt,blip2} ...``.
+"""Command line: ``python -m minblip {demo,train,eval,caption,ask,retrieve,capfilt,blip2} ...``.
 
 ``demo`` is the main job: it generates the built-in data, pretrains a tiny BLIP
 on it, evaluates it and writes a report folder.
@@ -188,37 +188,148 @@ def _load_images(paths, image_size):
     return preprocess([str(p) for p in paths], image_size)
 
 
+# ---- Hugging Face folders and model names (--from-pretrained) ------------------------
+# Decoding defaults per model when an option is not given, each the reference's own:
+# BLIP's captioner (salesforce/BLIP demo: 3 beams, 20 / 5 tokens counting [DEC] and the
+# prompt), BLIP's VQA (BLIP_VQA.forward: 3 beams, 10 / 1), BLIP-2 (LAVIS
+# Blip2OPT.generate and predict_answers: 5 beams, 30 / 1 new tokens for a caption,
+# 10 / 1 for an answer, after BOS and the prompt).
+BLIP2_PROMPT = "Question: {} Answer:"  # LAVIS's prompt for BLIP-2 OPT questions
+
+
+def _pretrained(args):
+    """(folder, family): the folder of --from-pretrained (a folder, or a model name
+    found in the local Hugging Face cache or, with --download, fetched), and
+    "blip-2" or the BLIP kind its config.json names."""
+    from . import hf
+    from .hf_hub import resolve_pretrained
+    folder = resolve_pretrained(args.from_pretrained, download=args.download)
+    config = hf.read_hf_config(folder)
+    if config.get("model_type") == "blip-2":
+        return folder, "blip-2"
+    return folder, hf.blip_kind(config, folder)
+
+
+def _decoding(args, rng, *, beams: int, max_length: int, min_length: int,
+              repetition_penalty=None) -> dict:
+    """The options of minblip.generation.generate: the command line's, else the defaults."""
+    return dict(method=args.method, num_beams=args.beams or beams,
+                max_length=args.max_length or max_length,
+                min_length=min_length if args.min_length is None else args.min_length,
+                repetition_penalty=repetition_penalty, rng=rng)
+
+
+def _blip2_generate(folder, args, rng, prompt_text: str, new_tokens: int):
+    """BLIP-2 (OPT) on args.images after ``prompt_text`` -> (full ids per image, the
+    tokenizer, the prompt's length in tokens)."""
+    from .bpe import ByteLevelBPETokenizer
+    from .hf_blip2 import blip2_generate, load_blip2
+    model = load_blip2(folder)
+    tok = ByteLevelBPETokenizer.from_folder(folder)
+    prompt = tok.encode(prompt_text) if prompt_text else np.array([model.configs.bos_id])
+    P = len(prompt)
+    room = model.language_model.cfg.max_positions - model.num_queries
+    decoding = _decoding(args, rng, beams=5, max_length=min(P + new_tokens, room),
+                         min_length=P + 1, repetition_penalty=1.0)  # LAVIS: no penalty
+    pixels = _load_images(args.images, model.image_size)
+    return blip2_generate(model, pixels, prompt, **decoding), tok, P
+
+
+def _caption_pretrained(folder, family: str, args, rng) -> list[str]:
+    """Captions as the Hugging Face model's generate and decode make them: the prompt
+    is part of the caption."""
+    if family == "blip-2":
+        outs, tok, _ = _blip2_generate(folder, args, rng, args.prompt, new_tokens=30)
+        return [tok.decode(ids).strip() for ids in outs]
+    if family != "captioning":
+        raise ValueError(f"{folder}: caption needs a BlipForConditionalGeneration or a BLIP-2 "
+                         f"folder, this one is a BLIP {family} model")
+    from . import hf
+    from .wordpiece import WordPieceTokenizer
+    model = hf.load_blip_captioning(folder)
+    tok = WordPieceTokenizer.from_file(folder / "vocab.txt")
+    prompt = tok.encode(args.prompt)[0][0] if args.prompt else None
+    decoding = _decoding(args, rng, beams=3, max_length=min(20, model.cfg.text.max_positions),
+                         min_length=5)
+    pixels = _load_images(args.images, model.cfg.vision.image_size)
+    return [tok.decode(ids) for ids in hf.caption_generate(model, pixels, prompt, **decoding)]
+
+
+def _answers_pretrained(folder, family: str, args, rng) -> list[str]:
+    """Answers to args.question: BlipForQuestionAnswering's, or BLIP-2's after
+    "Question: ... Answer:" (the answer alone, without the prompt)."""
+    if family == "blip-2":
+        outs, tok, P = _blip2_generate(folder, args, rng, BLIP2_PROMPT.format(args.question),
+                                       new_tokens=10)
+        return [tok.decode(ids[P:]).strip() for ids in outs]
+    if family != "vqa":
+        raise ValueError(f"{folder}: ask needs a BlipForQuestionAnswering or a BLIP-2 folder, "
+                         f"this one is a BLIP {family} model")
+    from . import hf
+    from .wordpiece import WordPieceTokenizer
+    model = hf.load_blip_vqa(folder)
+    tok = WordPieceTokenizer.from_file(folder / "vocab.txt")
+    ids, mask = tok.encode([args.question] * len(args.images),
+                           max_length=model.cfg.text.max_positions)
+    decoding = _decoding(args, rng, beams=3, max_length=10, min_length=1)
+    pixels = _load_images(args.images, model.cfg.vision.image_size)
+    return [tok.decode(a) for a in hf.vqa_generate(model, pixels, ids, mask, **decoding)]
+
+
+def _no_download_without_pretrained(args) -> None:
+    if args.download and not args.from_pretrained:
+        raise ValueError("--download fetches a --from-pretrained model name; it has nothing "
+                         "to do without one")
+
+
 def cmd_caption(args) -> int:
+    _no_download_without_pretrained(args)
     rng = np.random.default_rng(args.seed)
     if args.from_pretrained:
-        # a Hugging Face BlipForConditionalGeneration folder, read by minblip.hf
-        from . import hf
-        from .generation import generate
-        from .wordpiece import WordPieceTokenizer
-        folder = Path(args.from_pretrained)
-        model = hf.load_blip_captioning(folder)
-        tok = WordPieceTokenizer.from_file(folder / "vocab.txt")
-        pixels = _load_images(args.images, model.cfg.vision.image_size)
-        prompt, sep = hf.caption_token_ids(model, tok.encode(args.prompt)[0][0]
-                                           if args.prompt else None)
-        max_length = min(20, model.cfg.text.max_positions)  # BLIP's COCO setting: 20 / 5
-        for path, image in zip(args.images, pixels):
-            embeds, _ = model.visual_encoder.forward(image[None])
-            out = generate(model.text_decoder, embeds, prompt, sep_id=sep, method=args.method,
-                           max_length=max_length, min_length=min(5, max_length), rng=rng)
-            print(f"{path}: {tok.decode(out.tokens[0])}")
-        return 0
-    from .evaluate import caption_images
-    from .train import load_model
-    model, tok, cfg = load_model(args.checkpoint)
-    pixels = _load_images(args.images, cfg.image_size)
-    captions = caption_images(model, tok, pixels, method=args.method, prompt=args.prompt, rng=rng)
+        captions = _caption_pretrained(*_pretrained(args), args, rng)
+    else:
+        from .evaluate import caption_images
+        from .train import load_model
+        model, tok, cfg = load_model(args.checkpoint)
+        pixels = _load_images(args.images, cfg.image_size)
+        captions = caption_images(model, tok, pixels, method=args.method, prompt=args.prompt,
+                                  max_length=args.max_length or 20,
+                                  min_length=5 if args.min_length is None else args.min_length,
+                                  num_beams=args.beams or 3, rng=rng)
+        captions = [f"{args.prompt} {c}".strip() for c in captions]  # the prompt included
     for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}")
     return 0
 
 
-def cmd_retrieve(args) -> int:
+def cmd_ask(args) -> int:
+    rng = np.random.default_rng(args.seed)
+    answers = _answers_pretrained(*_pretrained(args), args, rng)
+    for path, answer in zip(args.images, answers):
+        print(f"{path}: {answer}")
+    return 0
+
+
+def _retrieval_scores(args):
+    """(score, ITC similarity) per image for args.text: BLIP's retrieval score, ITM match
+    logit + ITC cosine similarity, from a minblip checkpoint or a Hugging Face
+    BlipForImageTextRetrieval folder (which feeds ITM the text's [CLS] as HF does)."""
+    if args.from_pretrained:
+        from . import hf
+        from .wordpiece import WordPieceTokenizer
+        folder, family = _pretrained(args)
+        if family != "retrieval":
+            raise ValueError(f"{folder}: retrieve needs a BlipForImageTextRetrieval folder, "
+                             f"this one is {family!r}")
+        model = hf.load_blip_retrieval(folder)
+        tok = WordPieceTokenizer.from_file(folder / "vocab.txt")
+        pixels = _load_images(args.images, model.cfg.vision.image_size)
+        ids, mask = tok.encode([args.text], max_length=model.cfg.text.max_positions)
+        embeds, image_feat = model.encode_image(pixels)
+        sim = (image_feat @ model.encode_text(ids, mask).T)[:, 0]
+        n = len(args.images)
+        itm = model.itm_logits(embeds, np.repeat(ids, n, 0), np.repeat(mask, n, 0), tok.cls_id)
+        return itm[:, 1] + sim, sim
     from .evaluate import image_features, itm_match_logits, text_features
     from .train import load_model
     model, tok, cfg = load_model(args.checkpoint)
@@ -228,7 +339,12 @@ def cmd_retrieve(args) -> int:
     sim = (image_feat @ text_features(model, ids, mask).T)[:, 0]
     n = len(args.images)
     itm = itm_match_logits(model, tok, embeds, np.repeat(ids, n, 0), np.repeat(mask, n, 0))
-    score = itm[:, 1] + sim  # BLIP's retrieval score: ITM match logit + ITC similarity
+    return itm[:, 1] + sim, sim
+
+
+def cmd_retrieve(args) -> int:
+    _no_download_without_pretrained(args)
+    score, sim = _retrieval_scores(args)
     print(f"images ranked for: {args.text!r}")
     for rank, i in enumerate(np.argsort(-score)[:args.top], 1):
         print(f"{rank:>3}. {args.images[i]}  score {score[i]:.3f} (ITC {sim[i]:.3f})")
@@ -276,6 +392,35 @@ def cmd_blip2(args) -> int:
     return 0
 
 
+def _pretrained_option(group, models: str, example: str) -> None:
+    group.add_argument("--from-pretrained", metavar="DIR_OR_NAME",
+                       help=f"{models} Hugging Face model: a folder (config.json, "
+                            f"safetensors, vocab.txt or vocab.json + merges.txt) or a model "
+                            f"name such as {example}, found in the local Hugging Face cache "
+                            f"($HF_HUB_CACHE or $HF_HOME/hub)")
+
+
+def _download_option(p) -> None:
+    p.add_argument("--download", action="store_true",
+                   help="fetch a --from-pretrained model name missing from the local cache "
+                        "(needs the optional huggingface_hub; nothing is fetched otherwise)")
+
+
+def _decoding_options(p, defaults: str) -> None:
+    p.add_argument("--method", default="beam", choices=["beam", "greedy", "nucleus"],
+                   help="decoding (default %(default)s)")
+    p.add_argument("--beams", type=_int_at_least(1), default=None,
+                   help="beams of beam search (default: see below)")
+    p.add_argument("--max-length", type=_int_at_least(1), default=None,
+                   help="the longest text in tokens, counting the start token and the prompt, "
+                        "as Hugging Face's generate(max_length=) counts them for BLIP (for "
+                        "BLIP-2 HF also counts its query placeholders, minblip does not)")
+    p.add_argument("--min-length", type=_int_at_least(0), default=None,
+                   help="no end token before this many tokens, counted as --max-length")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for nucleus sampling")
+    p.epilog = f"Defaults of the decoding options: {defaults}."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minblip",
@@ -306,22 +451,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("caption", help="caption image files with a checkpoint")
+    p = sub.add_parser("caption", help="caption image files with a checkpoint or a Hugging "
+                                       "Face BLIP / BLIP-2 model",
+                       description="Caption image files. The caption starts with the prompt "
+                                   "when one is given, as Hugging Face's decode prints it.")
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
-    source.add_argument("--from-pretrained", metavar="DIR",
-                        help="a Hugging Face BlipForConditionalGeneration folder: config.json, "
-                             "model.safetensors, vocab.txt")
-    p.add_argument("--method", default="beam", choices=["beam", "greedy", "nucleus"])
-    p.add_argument("--prompt", default="", help="text the caption must start with")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for nucleus sampling")
+    _pretrained_option(source, "a BlipForConditionalGeneration or a BLIP-2 (OPT)",
+                       "Salesforce/blip-image-captioning-base")
+    _download_option(p)
+    _decoding_options(p, "BLIP: beam search with 3 beams, 20 / 5 tokens counting [DEC] and the "
+                         "prompt (BLIP's demo); BLIP-2: 5 beams, 30 / 1 new tokens after BOS and "
+                         "the prompt (LAVIS)")
+    p.add_argument("--prompt", default="",
+                   help="text the caption must start with (BLIP's captioner: 'a picture of'; "
+                        "BLIP-2: 'a photo of'); the printed caption includes it")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("ask", help="answer a question about image files with a Hugging Face "
+                                   "BLIP VQA or BLIP-2 model",
+                       description="Answer one question about each image: with "
+                                   "BlipForQuestionAnswering (the question is encoded with the "
+                                   "image, the answer decoded from it), or with BLIP-2 prompted "
+                                   "'Question: ... Answer:' as LAVIS does. Prints the answer.")
+    p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
+    p.add_argument("question", help="the question, e.g. \"what is the woman wearing?\"")
+    source = p.add_mutually_exclusive_group(required=True)
+    _pretrained_option(source, "a BlipForQuestionAnswering or a BLIP-2 (OPT)",
+                       "Salesforce/blip-vqa-base")
+    _download_option(p)
+    _decoding_options(p, "BLIP VQA: beam search with 3 beams, 10 / 1 tokens counting [DEC] "
+                         "(salesforce/BLIP); BLIP-2: 5 beams, 10 / 1 new tokens after the "
+                         "prompt (LAVIS)")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("retrieve", help="rank image files for a text query")
     p.add_argument("images", nargs="+")
-    p.add_argument("--text", required=True)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--text", required=True, help="the text query")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
+    _pretrained_option(source, "a BlipForImageTextRetrieval", "Salesforce/blip-itm-base-coco")
+    _download_option(p)
     p.add_argument("--top", type=_int_at_least(1), default=5,
                    help="how many of the ranked images to print (default %(default)s)")
     p.set_defaults(func=cmd_retrieve)

@@ -114,18 +114,26 @@ class MultiHeadAttention(Module):
     The ViT in salesforce/BLIP stores q, k, v as one fused (3D, D) ``qkv``
     Linear; it computes the same thing as three separate projections, which is
     how BERT stores them and how minblip does.
+
+    ``bias=False`` leaves the q, k and v projections without bias;
+    ``key_bias=False`` drops only the key's, as the EVA ViT of BLIP-2 does
+    (LAVIS ``eva_vit.py Attention``: ``q_bias`` and ``v_bias``, no k bias). A
+    key bias could not change the output anyway: it adds the same q.b to every
+    score of a query's row, which the softmax ignores.
     """
 
     def __init__(self, d_model: int, n_heads: int, rng: np.random.Generator,
-                 d_context: int | None = None, dropout: float = 0.0, init_std: float = 0.02):
+                 d_context: int | None = None, dropout: float = 0.0, init_std: float = 0.02,
+                 bias: bool = True, key_bias: bool | None = None):
         if n_heads <= 0 or d_model % n_heads:
             raise ValueError(f"MultiHeadAttention: n_heads must divide d_model, got "
                              f"d_model={d_model}, n_heads={n_heads}")
         self.d_model, self.n_heads = d_model, n_heads
         self.d_context = d_model if d_context is None else d_context
-        self.query = Linear(d_model, d_model, rng, init_std=init_std)
-        self.key = Linear(self.d_context, d_model, rng, init_std=init_std)
-        self.value = Linear(self.d_context, d_model, rng, init_std=init_std)
+        key_bias = bias if key_bias is None else key_bias
+        self.query = Linear(d_model, d_model, rng, bias=bias, init_std=init_std)
+        self.key = Linear(self.d_context, d_model, rng, bias=key_bias, init_std=init_std)
+        self.value = Linear(self.d_context, d_model, rng, bias=bias, init_std=init_std)
         self.out = Linear(d_model, d_model, rng, init_std=init_std)
         self.attention = ScaledDotProductAttention(dropout)
 

@@ -88,7 +88,7 @@ class Blip2Stage2(Module):
         self.visual_encoder = visual_encoder.freeze()
         self.ln_vision = ln_vision
         self.qformer = strip_text_parts(qformer)
-        d_in, d_out = qformer.cfg.width, language_model.cfg.width
+        d_in, d_out = qformer.cfg.width, language_model.cfg.token_width
         # blip2_opt.py: opt_proj = nn.Linear(768, d_llm) with PyTorch's default init,
         # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
         self.language_projection = Linear(d_in, d_out, rng)
@@ -124,8 +124,8 @@ class Blip2Stage2(Module):
         """The frozen ViT's output (B, S, Dv) for images (B, 3, H, W), in batches,
         in evaluation mode."""
         check_float(images, "images")
-        out = [self.visual_encoder.forward(images[s:s + batch_size].astype(self.dtype,
-                                                                           copy=False))[0]
+        out = [self.visual_encoder.forward(images[s:s + batch_size].astype(self.dtype, copy=False),
+                                           keep_cache=False)[0]
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out, axis=0)
 

@@ -20,14 +20,42 @@
   a tuple when there are several (``None`` in the place of an input that was
   not given), and ``None`` when there is none (token ids are not
   differentiable). Targets and masks are constants.
+* A checkpoint loader builds a model's structure without its values inside
+  :func:`deferred_params`: every large Param then holds a placeholder (one
+  zero seen at every index, no memory) until the loader sets its ``data``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 
 DEFAULT_DTYPE = np.float32
+DEFERRED_MIN_SIZE = 4096  # smaller Params are made as usual inside deferred_params
+_deferring = [False]
+
+
+@contextmanager
+def deferred_params():
+    """Inside, a new Param of at least ``DEFERRED_MIN_SIZE`` elements does not copy its
+    initial value: its ``data`` and ``grad`` are a placeholder of the right shape
+    and dtype (a zero-stride view of one zero: no memory, and writes land on that
+    one element). A loader builds a model this way, then gives every such Param
+    its ``data`` from the checkpoint (``param.data = array``), so the model's
+    values exist once: as the file's memory map, or as their one conversion.
+    Using a placeholder for computing gives zeros; ``Param.placeholder`` tells."""
+    previous = _deferring[0]
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = previous
+
+
+def _placeholder(shape: tuple, dtype) -> np.ndarray:
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape),
+                                           writeable=True)
 
 
 class Param:
@@ -42,16 +70,29 @@ class Param:
     __slots__ = ("data", "grad", "frozen")
 
     def __init__(self, data, dtype=None):
-        data = np.array(data, dtype=dtype if dtype is not None else DEFAULT_DTYPE)
+        dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
+        if _deferring[0] and np.size(data) >= DEFERRED_MIN_SIZE and dtype.kind == "f":
+            self.data = self.grad = _placeholder(np.shape(data), dtype)  # see deferred_params
+            self.frozen = False
+            return
+        data = np.array(data, dtype=dtype)
         if not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"Param data must be floating point, got dtype {data.dtype}")
         self.data = data
-        self.grad = np.zeros_like(data)
+        # np.zeros, not zeros_like: the operating system hands out zeroed pages on first
+        # touch, so a gradient no backward ever adds into (a frozen or inference-only
+        # model) costs no memory
+        self.grad = np.zeros(data.shape, data.dtype)
         self.frozen = False
 
     @property
     def trainable(self) -> bool:
         return not self.frozen
+
+    @property
+    def placeholder(self) -> bool:
+        """True while the Param holds the placeholder of :func:`deferred_params`."""
+        return self.data.size > 1 and not any(self.data.strides)
 
     @property
     def shape(self) -> tuple:
@@ -69,7 +110,13 @@ class Param:
         self.grad[...] = 0
 
     def astype(self, dtype) -> None:
-        """Change the dtype in place; the object (and so all sharing) is kept."""
+        """Change the dtype in place; the object (and so all sharing) is kept.
+        Nothing is copied when the dtype is already ``dtype``."""
+        if self.data.dtype == dtype and self.grad.dtype == dtype:
+            return
+        if self.placeholder:
+            self.data = self.grad = _placeholder(self.data.shape, dtype)
+            return
         self.data = self.data.astype(dtype)
         self.grad = self.grad.astype(dtype)
 

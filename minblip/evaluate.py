@@ -148,7 +148,8 @@ def match_probability(model: BLIP, tokenizer: Tokenizer, pixels, captions,
 
 def caption_images(model: BLIP, tokenizer: Tokenizer, pixels, method: str = "beam",
                    prompt: str = "", max_length: int = 20, min_length: int = 5,
-                   rng: np.random.Generator | None = None, batch_size: int = 64) -> list[str]:
+                   rng: np.random.Generator | None = None, batch_size: int = 64,
+                   num_beams: int = 3) -> list[str]:
     """One caption per image of ``pixels`` (N, 3, H, W), finite. The prompt (BLIP's
     captioner uses "a picture of") is fed after [DEC] and stripped from the
     output; ``max_length`` counts it, and a prompt that fills it is refused."""
@@ -159,7 +160,8 @@ def caption_images(model: BLIP, tokenizer: Tokenizer, pixels, method: str = "bea
     for s in _batches(len(pixels), batch_size):
         embeds, _ = model.encode_image(pixels[s])
         out = generate(model.text_decoder, embeds, start, sep_id=tokenizer.sep_id,
-                       method=method, max_length=max_length, min_length=min_length, rng=rng)
+                       method=method, max_length=max_length, min_length=min_length,
+                       num_beams=num_beams, rng=rng)
         texts += [tokenizer.decode(t) for t in out.tokens]
     return texts
 

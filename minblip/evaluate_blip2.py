@@ -119,7 +119,7 @@ def generate_text(lm: LanguageModel, tokenizer: Tokenizer, prefix_embeds=None, p
     """
     if not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"generate_text: expected a Tokenizer, got {type(tokenizer).__name__}")
-    D = lm.cfg.width
+    D = lm.cfg.token_width
     if prefix_embeds is None:
         prefix_embeds = np.zeros((1 if batch_size is None else batch_size, 0, D), lm.dtype)
     else:

@@ -4,10 +4,16 @@ BLIP-2 stage 2 (salesforce/LAVIS ``lavis/models/blip2_models/blip2_opt.py``) put
 frozen OPT (Hugging Face ``OPTForCausalLM``) behind the Q-Former. This module is
 that OPT, shrunk to the synthetic world:
 
-    x = [prefix_embeds | embed_tokens(ids)] + embed_positions[0 .. P+T-1]   (B, P+T, D)
-    x = block(x) for each pre-norm causal block         (OPTDecoderLayer, do_layer_norm_before)
-    h = final_layer_norm(x)
-    logits = h @ embed_tokens.weight^T                   (lm_head tied to the token table)
+    e = [prefix_embeds | embed_tokens(ids)]                        (B, P+T, E)
+    x = project_in(e) + embed_positions[offset .. offset+P+T-1]   (B, P+T, D)
+    x = block(x) for each pre-norm causal block      (OPTDecoderLayer, do_layer_norm_before)
+    h = project_out(final_layer_norm(x))                           (B, P+T, E)
+    logits = h @ embed_tokens.weight^T              (lm_head tied to the token table)
+
+E is the width of the token embeddings, OPT's ``word_embed_proj_dim``. It equals
+the model width D in every OPT that BLIP-2 uses, and then ``project_in`` and
+``project_out`` do not exist (identities); the smaller OPTs (350m) embed tokens
+at E = 512 inside a D = 1024 model and project in and out without bias.
 
 ``prefix_embeds`` are soft prompts: vectors that sit where token embeddings would
 be. BLIP-2 builds ``inputs_embeds = cat(projected queries, embed_tokens(ids))``
@@ -24,12 +30,16 @@ The blocks are ``minblip.transformer.PreNormBlock`` (the ViT's block) built
 with OPT's ReLU feed-forward (``activation_function "relu"``);
 ``LMConfig(activation="gelu")`` keeps the ViT's exact GELU.
 
+Positions: OPT's ``OPTLearnedPositionalEmbedding`` has two rows more than
+``max_position_embeddings`` and reads position t from row t + 2 (a leftover of
+fairseq's padding offset); ``LMConfig(position_offset=2)`` does the same, for
+checkpoints. minblip's own small LM uses offset 0: position t is row t.
+
 Departures, all deliberate:
 
-* OPT's ``OPTLearnedPositionalEmbedding`` adds an offset of 2 to every position
-  index (a leftover of fairseq) and derives positions from the cumulative sum
-  of the attention mask. Here position t is simply row t of the table. With
-  right padding the two agree on every real token.
+* OPT derives positions from the cumulative sum of the attention mask, so a
+  left-padded row starts counting at its first real token. Here position t is
+  always t. With right padding (minblip's) the two agree on every real token.
 * OPT's tokenizer is byte-level BPE with ``</s>`` (id 2) as BOS, and BLIP-2
   appends "\\n" to every caption and stops generating at "\\n". Here the
   tokenizer is ``minblip.tokenizer.Tokenizer`` over whole words: ``[CLS]``
@@ -53,7 +63,7 @@ import numpy as np
 from .attention import causal_mask, padding_mask
 from .core import (Module, check_float, check_mask01, check_ndim, check_rng,
                    check_token_matrix)
-from .layers import Dropout, Embedding, LayerNorm
+from .layers import Dropout, Embedding, LayerNorm, Linear
 from .objectives import NextTokenLoss, causal_lm_targets
 from .transformer import PreNormBlock
 
@@ -81,6 +91,14 @@ class LMConfig:
     init_std: float = 0.02
     pad_id: int = 0
     activation: str = "relu"  # OPT's; "gelu" is the exact GELU of the ViT block
+    position_offset: int = 0  # OPT checkpoints: 2 (position t is row t + 2)
+    word_embed_dim: int | None = None  # E, OPT's word_embed_proj_dim; None: E = width
+    final_norm: bool = True  # OPT's final_layer_norm (older fine-tuned OPTs have none)
+
+    @property
+    def token_width(self) -> int:
+        """E, the width of the token embeddings and of a soft prompt."""
+        return self.width if self.word_embed_dim is None else self.word_embed_dim
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -100,6 +118,16 @@ class LMConfig:
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"LMConfig.pad_id: expected an id in [0, {self.vocab_size}), "
                              f"got {self.pad_id}")
+        if (isinstance(self.position_offset, bool)
+                or not isinstance(self.position_offset, (int, np.integer))
+                or self.position_offset < 0):
+            raise ValueError(f"LMConfig.position_offset: expected an int >= 0, got "
+                             f"{self.position_offset!r}")
+        E = self.word_embed_dim
+        if E is not None and (isinstance(E, bool) or not isinstance(E, (int, np.integer))
+                              or E < 1):
+            raise ValueError(f"LMConfig.word_embed_dim: expected a positive int or None, "
+                             f"got {E!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -109,34 +137,44 @@ class LMConfig:
 class LanguageModel(Module):
     """OPT-style decoder-only LM (Hugging Face ``OPTForCausalLM``).
 
-    Attributes follow OPT's names: ``embed_tokens`` (V, D), ``embed_positions``
-    (max_positions, D), ``layers`` (pre-norm causal blocks), ``final_layer_norm``.
-    The output head is ``embed_tokens.weight`` itself (``lm_head`` tied, no bias).
+    Attributes follow OPT's names: ``embed_tokens`` (V, E), ``embed_positions``
+    (position_offset + max_positions, D), ``project_in`` (E -> D) and
+    ``project_out`` (D -> E) or None when E = D, ``layers`` (pre-norm causal
+    blocks), ``final_layer_norm`` (or None). The output head is
+    ``embed_tokens.weight`` itself (``lm_head`` tied, no bias).
     """
 
     def __init__(self, cfg: LMConfig, rng: np.random.Generator):
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"LanguageModel: expected an LMConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.width, rng, init_std=cfg.init_std)
+        D, E = cfg.width, cfg.token_width
+        self.embed_tokens = Embedding(cfg.vocab_size, E, rng, init_std=cfg.init_std)
         # nn.Embedding(padding_idx=pad): HF's _init_weights zeroes that row
         self.embed_tokens.weight.data[cfg.pad_id] = 0.0
-        self.embed_positions = Embedding(cfg.max_positions, cfg.width, rng, init_std=cfg.init_std)
+        self.embed_positions = Embedding(cfg.position_offset + cfg.max_positions, D, rng,
+                                         init_std=cfg.init_std)
+        # OPTDecoder: nn.Linear(E, D, bias=False) in, nn.Linear(D, E, bias=False) out
+        self.project_in = (Linear(E, D, rng, bias=False, init_std=cfg.init_std)
+                           if E != D else None)
+        self.project_out = (Linear(D, E, rng, bias=False, init_std=cfg.init_std)
+                            if E != D else None)
         self.dropout = Dropout(cfg.dropout)
-        self.layers = [PreNormBlock(cfg.width, cfg.heads, cfg.mlp_dim, rng, eps=cfg.eps,
+        self.layers = [PreNormBlock(D, cfg.heads, cfg.mlp_dim, rng, eps=cfg.eps,
                                     dropout=cfg.dropout, init_std=cfg.init_std,
                                     activation=cfg.activation)
                        for _ in range(cfg.depth)]
-        self.final_layer_norm = LayerNorm(cfg.width, cfg.eps)
+        self.final_layer_norm = LayerNorm(D, cfg.eps) if cfg.final_norm else None
 
     # ---- forward ------------------------------------------------------------------
     def _checked_embeds(self, x, name: str, length: str):
-        """x (B, length, D) float -> x in the model's dtype, or a named error."""
-        D = self.cfg.width
+        """x (B, length, E) float -> x in the model's dtype, or a named error."""
+        E = self.cfg.token_width
         check_float(x, name)
-        check_ndim(x, 3, name, f"(B, {length}, {D})")
-        if x.shape[-1] != D:
-            raise ValueError(f"{name}: expected width {D} (the LM width), got shape {x.shape}")
+        check_ndim(x, 3, name, f"(B, {length}, {E})")
+        if x.shape[-1] != E:
+            raise ValueError(f"{name}: expected width {E} (the LM's token width), got "
+                             f"shape {x.shape}")
         return x.astype(self.dtype, copy=False)
 
     def _embed(self, ids, inputs_embeds, prefix_embeds):
@@ -146,7 +184,7 @@ class LanguageModel(Module):
         c_tok = None
         if ids is not None:
             ids = check_token_matrix(ids, self.cfg.vocab_size, "LanguageModel ids")
-            tok, c_tok = self.embed_tokens.forward(ids)  # (B, T) -> (B, T, D)
+            tok, c_tok = self.embed_tokens.forward(ids)  # (B, T) -> (B, T, E)
         elif inputs_embeds is not None:
             tok = self._checked_embeds(inputs_embeds, "inputs_embeds", "T")
         else:
@@ -161,10 +199,30 @@ class LanguageModel(Module):
                              "got none")
         return tok, c_tok, prefix_embeds
 
+    def _positions(self, start: int, length: int):
+        """Rows of the position table for positions start..start+length-1 -> ((length, D),
+        cache). OPT checkpoints read position t from row t + position_offset."""
+        if start + length > self.cfg.max_positions:
+            raise ValueError(f"LanguageModel: positions up to {start + length - 1} exceed "
+                             f"max_positions={self.cfg.max_positions}")
+        offset = self.cfg.position_offset
+        return self.embed_positions.forward(np.arange(start + offset, start + offset + length))
+
+    def _head(self, x):
+        """x (B, L, D) after the blocks -> (logits (B, L, V), cache, h (B, L, E)): final
+        LayerNorm, project_out, then the tied output layer reading h."""
+        c_ln = c_out = None
+        if self.final_layer_norm is not None:
+            x, c_ln = self.final_layer_norm.forward(x)
+        if self.project_out is not None:
+            x, c_out = self.project_out.forward(x)  # (B, L, D) @ (D, E) -> (B, L, E)
+        logits = x @ self.embed_tokens.weight.data.T  # (B, L, E) @ (E, V) -> (B, L, V)
+        return logits, (c_ln, c_out), x
+
     def forward(self, ids=None, attention_mask=None, inputs_embeds=None, prefix_embeds=None,
                 rng=None):
-        """ids (B, T) int, or inputs_embeds (B, T, D) float; attention_mask (B, T) of
-        0/1 for the text (None: no padding); prefix_embeds (B, P, D) soft prompts,
+        """ids (B, T) int, or inputs_embeds (B, T, E) float; attention_mask (B, T) of
+        0/1 for the text (None: no padding); prefix_embeds (B, P, E) soft prompts,
         always attended (BLIP-2's ``ones(B, 32)`` mask for the queries).
         ``rng`` drives dropout (None: evaluation).
 
@@ -183,6 +241,7 @@ class LanguageModel(Module):
         if L > self.cfg.max_positions:
             raise ValueError(f"LanguageModel: {P} prefix + {T} text positions exceed "
                              f"max_positions={self.cfg.max_positions}")
+        pos, c_pos = self._positions(0, L)  # (L, D): over prefix and text
         if attention_mask is None:
             attention_mask = np.ones((B, T), dtype=np.int64)
         elif tok is None:
@@ -190,7 +249,9 @@ class LanguageModel(Module):
         attention_mask = check_mask01(attention_mask, (B, T), "attention_mask")
 
         x = np.concatenate(parts, axis=1)  # blip2_opt.py: cat([inputs_opt, embed_tokens(ids)])
-        pos, c_pos = self.embed_positions.forward(np.arange(L))  # (L, D): over prefix and text
+        c_in = None
+        if self.project_in is not None:
+            x, c_in = self.project_in.forward(x)  # (B, L, E) @ (E, D) -> (B, L, D)
         x = x + pos  # (B, L, D) + (L, D), the same positions for every row
         x, c_drop = self.dropout.forward(x, rng)
         visible = np.concatenate([np.ones((B, P), dtype=bool), attention_mask.astype(bool)], axis=1)
@@ -199,32 +260,39 @@ class LanguageModel(Module):
         for layer in self.layers:
             x, c = layer.forward(x, mask=mask, rng=rng)  # (B, L, D) -> (B, L, D)
             c_layers.append(c)
-        h, c_ln = self.final_layer_norm.forward(x)
-        logits = h @ self.embed_tokens.weight.data.T  # (B, L, D) @ (D, V) -> (B, L, V)
+        logits, c_head, h = self._head(x)
         cache = {"tok": c_tok, "pos": c_pos, "P": P, "inputs": inputs_embeds is not None,
-                 "drop": c_drop, "layers": c_layers, "ln": c_ln, "h": h, "shape": logits.shape}
+                 "in": c_in, "drop": c_drop, "layers": c_layers, "head": c_head, "h": h,
+                 "shape": logits.shape}
         return logits, cache
 
     # ---- backward -----------------------------------------------------------------
     def backward(self, dlogits, cache):
-        """dlogits (B, P + T, V) -> (d_inputs_embeds (B, T, D) or None, d_prefix_embeds
-        (B, P, D) or None): the gradients of the two float inputs, None for one
+        """dlogits (B, P + T, V) -> (d_inputs_embeds (B, T, E) or None, d_prefix_embeds
+        (B, P, E) or None): the gradients of the two float inputs, None for one
         that was not given. Adds into the trainable Params only (none when frozen)."""
         if np.shape(dlogits) != cache["shape"]:
             raise ValueError(f"LanguageModel.backward: expected dlogits of shape "
                              f"{cache['shape']}, got {np.shape(dlogits)}")
-        E = self.embed_tokens.weight
-        V, D = E.shape
+        table = self.embed_tokens.weight
+        V, E = table.shape
         P = cache["P"]
-        if E.trainable:  # undoes logits = h @ E^T, the head half of the tied table: (V, N) @ (N, D)
-            E.grad += dlogits.reshape(-1, V).T @ cache["h"].reshape(-1, D)
-        dh = dlogits @ E.data  # undoes h @ E^T: (B, L, V) @ (V, D) -> (B, L, D)
-        dx = self.final_layer_norm.backward(dh, cache["ln"])  # undoes h = LN(x)
+        c_ln, c_out = cache["head"]
+        h = cache["h"]
+        if table.trainable:  # undoes logits = h @ table^T, the head's use of the table
+            table.grad += dlogits.reshape(-1, V).T @ h.reshape(-1, E)  # (V, N) @ (N, E)
+        dx = dlogits @ table.data  # undoes h @ table^T: (B, L, V) @ (V, E) -> (B, L, E)
+        if self.project_out is not None:
+            dx = self.project_out.backward(dx, c_out)  # undoes h = x @ W_out: -> (B, L, D)
+        if self.final_layer_norm is not None:
+            dx = self.final_layer_norm.backward(dx, c_ln)  # undoes x = LN(x)
         for layer, c in zip(reversed(self.layers), reversed(cache["layers"])):
             dx = layer.backward(dx, c)  # last block first
         dx = self.dropout.backward(dx, cache["drop"])
         # undoes x + pos: the same positions were added to every row, so sum over the batch
         self.embed_positions.backward(dx.sum(axis=0), cache["pos"])
+        if self.project_in is not None:
+            dx = self.project_in.backward(dx, cache["in"])  # undoes x = e @ W_in: -> (B, L, E)
         d_prefix, d_tok = dx[:, :P], dx[:, P:]  # undoes the concatenation
         if cache["tok"] is not None:
             self.embed_tokens.backward(d_tok, cache["tok"])  # scatter-add into the token rows
@@ -235,7 +303,7 @@ class LanguageModel(Module):
         """Forward only, for generation: the new positions start..start+t-1 attend
         causally to the cached keys and values ``past`` and to themselves.
 
-        ids (B, t) and/or prefix_embeds (B, P, D) (new positions: prefix first);
+        ids (B, t) and/or prefix_embeds (B, P, E) (new positions: prefix first);
         past None or, per layer, (k, v) each (B, H, start, dh). Returns
         (logits (B, P + t, V), present) with present the per-layer (k, v) of
         every position so far. No padding: generation batches are unpadded.
@@ -249,17 +317,16 @@ class LanguageModel(Module):
         if start != n_past:
             raise ValueError(f"forward_incremental: start must equal the number of cached "
                              f"positions ({n_past}), got start={start}")
-        if start + t > self.cfg.max_positions:
-            raise ValueError(f"LanguageModel: positions up to {start + t - 1} exceed "
-                             f"max_positions={self.cfg.max_positions}")
-        x = x + self.embed_positions.forward(np.arange(start, start + t))[0]
+        pos, _ = self._positions(start, t)
+        if self.project_in is not None:
+            x, _ = self.project_in.forward(x)
+        x = x + pos
         mask = causal_mask(t, n_past + t)  # (1, t, past + t)
         present = []
         for i, layer in enumerate(self.layers):
             x, c = layer.forward(x, mask=mask, past_kv=None if past is None else past[i])
             present.append(c["present"])
-        h, _ = self.final_layer_norm.forward(x)
-        return h @ self.embed_tokens.weight.data.T, present
+        return self._head(x)[0], present
 
 
 # ---------------------------------------------------------------------------

@@ -239,6 +239,18 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
+def row_of_ids(ids, who: str = "decode") -> np.ndarray:
+    """Ids to decode -> a 1-d integer array (an empty one allowed), or an error
+    naming the shape and dtype that came."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return ids.reshape(0).astype(np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{who}: expected a 1-d array of integer ids, got shape "
+                         f"{ids.shape} and dtype {ids.dtype}")
+    return ids
+
+
 def encode_texts(tokenizer, texts, max_length: int, padding: str):
     """``encode`` of :class:`Tokenizer` and of ``minblip.wordpiece.WordPieceTokenizer``:
     the input checks, BERT's truncation (keep ``max_length - 2`` tokens, then

@@ -36,8 +36,9 @@ class FeedForward(Module):
 
 
 class PreNormBlock(Module):
-    """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``),
-    also OPT's decoder layer (``OPTDecoderLayer`` with ``do_layer_norm_before``):
+    """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``;
+    LAVIS ``eva_vit.py Block`` without layer scale), also OPT's decoder layer
+    (``OPTDecoderLayer`` with ``do_layer_norm_before``):
 
         x = x + Attn(LN1(x))
         x = x + FFN(LN2(x))
@@ -45,9 +46,10 @@ class PreNormBlock(Module):
 
     def __init__(self, d: int, n_heads: int, d_ff: int, rng: np.random.Generator,
                  eps: float = 1e-6, dropout: float = 0.0, init_std: float = 0.02,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", qkv_bias: bool = True, key_bias: bool | None = None):
         self.ln1 = LayerNorm(d, eps)
-        self.attn = MultiHeadAttention(d, n_heads, rng, dropout=dropout, init_std=init_std)
+        self.attn = MultiHeadAttention(d, n_heads, rng, dropout=dropout, init_std=init_std,
+                                       bias=qkv_bias, key_bias=key_bias)
         self.ln2 = LayerNorm(d, eps)
         self.mlp = FeedForward(d, d_ff, rng, init_std=init_std, activation=activation)
         self.drop = Dropout(dropout)

@@ -11,10 +11,19 @@ timm's ``PatchEmbed`` and BLIP's ``Block``):
 ``image_embeds`` is what BLIP's text transformer cross-attends to, and its row 0
 (the [CLS] token) is what ITC projects into the shared embedding space.
 
+BLIP-2's image encoder, the EVA ViT-g of salesforce/LAVIS ``eva_vit.py``, is
+the same network with three options (``ViTConfig``): ``key_bias=False`` (its
+attention has ``q_bias`` and ``v_bias`` but no key bias), ``final_norm=False``
+(``forward_features`` returns the blocks' output; BLIP-2 normalises it with its
+own ``ln_vision``, which Hugging Face's ``Blip2VisionModel`` stores as
+``post_layernorm``) and its sizes (patch 14, width 1408, depth 39, heads 16,
+mlp_dim 6144). ``qkv_bias=False`` is a ViT with no q, k, v biases at all
+(Hugging Face ``Blip2VisionConfig(qkv_bias=False)``).
+
 Left out: stochastic depth (``drop_path``; ViT-B in BLIP uses rate 0), the
-attention-map hooks for Grad-CAM, gradient checkpointing, and
-``interpolate_pos_embed`` (resizing the position table to a new resolution
-when loading a checkpoint).
+attention-map hooks for Grad-CAM, gradient checkpointing, EVA's layer scale
+(``init_values``; None in BLIP-2), and ``interpolate_pos_embed`` (resizing the
+position table to a new resolution when loading a checkpoint).
 """
 from __future__ import annotations
 
@@ -44,6 +53,9 @@ class ViTConfig:
     eps: float = 1e-6  # LayerNorm eps, BLIP's ``partial(nn.LayerNorm, eps=1e-6)``
     dropout: float = 0.0  # BLIP's ViT uses drop_rate = attn_drop_rate = 0
     init_std: float = 0.02
+    qkv_bias: bool = True  # biases on the q, k and v projections (BLIP: qkv_bias=True)
+    key_bias: bool = True  # False: q and v biases only, as EVA's q_bias/v_bias (BLIP-2)
+    final_norm: bool = True  # False: no LayerNorm after the blocks (EVA's forward_features)
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "channels", "width", "depth", "heads", "mlp_dim"):
@@ -62,6 +74,10 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std >= 0:
             raise ValueError(f"ViTConfig.init_std must be >= 0, got {self.init_std}")
+        for name in ("qkv_bias", "key_bias", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
 
     @property
     def grid(self) -> int:
@@ -235,7 +251,8 @@ class VisionTransformer(Module):
 
     Parameters, in salesforce/BLIP ``VisionTransformer.__init__`` order:
     ``patch_embed``, ``cls_token`` (1, 1, D), ``pos_embed`` (1, 1+N, D),
-    ``blocks`` (a list of :class:`PreNormBlock`), ``norm`` (final LayerNorm).
+    ``blocks`` (a list of :class:`PreNormBlock`), ``norm`` (final LayerNorm, or
+    None with ``final_norm=False``).
 
     ``cls_token`` and ``pos_embed`` are drawn from normal(0, init_std). BLIP
     calls timm's ``trunc_normal_(std=.02)``, whose cut-offs a=-2, b=2 are
@@ -252,12 +269,20 @@ class VisionTransformer(Module):
         self.pos_embed = Param(rng.normal(0.0, c.init_std, (1, 1 + c.num_patches, D)))
         self.pos_drop = Dropout(c.dropout)
         self.blocks = [PreNormBlock(D, c.heads, c.mlp_dim, rng, eps=c.eps, dropout=c.dropout,
-                                    init_std=c.init_std) for _ in range(c.depth)]
-        self.norm = LayerNorm(D, eps=c.eps)
+                                    init_std=c.init_std, qkv_bias=c.qkv_bias,
+                                    key_bias=c.qkv_bias and c.key_bias)
+                       for _ in range(c.depth)]
+        self.norm = LayerNorm(D, eps=c.eps) if c.final_norm else None
 
-    def forward(self, images, rng: np.random.Generator | None = None):
+    def forward(self, images, rng: np.random.Generator | None = None, keep_cache: bool = True):
         """images (B, C, H, W) float, cast to the model's dtype -> (image_embeds
-        (B, 1+N, D), cache). ``rng`` drives dropout; None means evaluation."""
+        (B, 1+N, D), cache). ``rng`` drives dropout; None means evaluation.
+
+        ``keep_cache=False`` is for inference: each block's cache is dropped as
+        soon as the next block runs, so a large ViT holds one block's
+        intermediates at a time instead of all of them (ViT-B at 384 px: its
+        attention weights alone are 16 MB a block), and the cache returned is
+        None (no backward)."""
         c = self.config
         _check_images(images, c.channels, c.image_size, "VisionTransformer")
         images = images.astype(self.dtype, copy=False)
@@ -270,14 +295,19 @@ class VisionTransformer(Module):
         c_blocks = []
         for block in self.blocks:
             x, c_block = block.forward(x, rng=rng)  # (B, 1+N, D) -> (B, 1+N, D), no mask
-            c_blocks.append(c_block)
-        out, c_norm = self.norm.forward(x)  # every token is normalised, [CLS] included
-        return out, (c_patch, c_drop, c_blocks, c_norm)
+            if keep_cache:
+                c_blocks.append(c_block)
+        c_norm = None
+        if self.norm is not None:
+            x, c_norm = self.norm.forward(x)  # every token is normalised, [CLS] included
+        return x, ((c_patch, c_drop, c_blocks, c_norm) if keep_cache else None)
 
     def backward(self, d_image_embeds, cache):
         """d_image_embeds (B, 1+N, D) -> d_images (B, C, H, W); adds into every Param."""
         c_patch, c_drop, c_blocks, c_norm = cache
-        dx = self.norm.backward(d_image_embeds, c_norm)  # undoes the final LayerNorm
+        dx = d_image_embeds
+        if self.norm is not None:
+            dx = self.norm.backward(dx, c_norm)  # undoes the final LayerNorm
         for block, c_block in zip(reversed(self.blocks), reversed(c_blocks)):
             dx = block.backward(dx, c_block)  # undoes the blocks, last first
         dx = self.pos_drop.backward(dx, c_drop)

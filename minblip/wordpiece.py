@@ -9,6 +9,12 @@ Text becomes tokens in two stages, mirroring Hugging Face ``BertTokenizer``
    on whitespace; lower-case each word and strip its accents (Unicode NFD, then
    drop the combining marks); split every punctuation character off as a word
    of its own ("don't" -> "don", "'", "t").
+
+   Lower-casing is done one character at a time, as transformers 5's
+   ``BertTokenizer`` (the Rust ``BertNormalizer``) does: a capital sigma always
+   becomes "σ". BERT's Python tokenizers, among them the transformers 4.15 one
+   salesforce/BLIP ran with, call ``str.lower`` on the word, which writes a
+   word-final sigma as "ς"; ``legacy_lowercase=True`` does that.
 2. **WordPiece.** Each word is cut greedily into the longest prefix found in the
    vocabulary, then the longest continuation found as "##piece", and so on
    ("unaffable" -> "un", "##aff", "##able"). A word with a part no vocabulary
@@ -37,7 +43,7 @@ import unicodedata
 import numpy as np
 
 from .files import write_text_atomic
-from .tokenizer import encode_texts
+from .tokenizer import encode_texts, row_of_ids
 
 MAX_CHARS_PER_WORD = 100  # BERT's max_input_chars_per_word
 BLIP_TOKENS = ("[DEC]", "[ENC]")
@@ -79,7 +85,8 @@ def _is_cjk(cp: int) -> bool:
             or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
-def basic_tokenize(text: str, lower_case: bool = True) -> list[str]:
+def basic_tokenize(text: str, lower_case: bool = True, legacy_lowercase: bool = False
+                   ) -> list[str]:
     """Stage 1: text -> words and punctuation marks (see the module docstring)."""
     chars = []
     for ch in text:
@@ -96,7 +103,8 @@ def basic_tokenize(text: str, lower_case: bool = True) -> list[str]:
     words = []
     for word in text.split():
         if lower_case:
-            word = word.lower()
+            # per character (transformers 5), or str.lower's final-sigma rule (legacy)
+            word = word.lower() if legacy_lowercase else "".join(c.lower() for c in word)
             word = "".join(c for c in unicodedata.normalize("NFD", word)
                            if unicodedata.category(c) != "Mn")
         current = []
@@ -139,9 +147,12 @@ class WordPieceTokenizer:
 
     ``tokens``: the vocabulary in id order. It must contain [PAD], [UNK], [CLS]
     and [SEP]; ``add_blip_tokens`` appends [DEC] and [ENC] if missing.
+    ``legacy_lowercase``: lower-case as BERT's Python tokenizers did (see the
+    module docstring).
     """
 
-    def __init__(self, tokens, lower_case: bool = True, add_blip_tokens: bool = True):
+    def __init__(self, tokens, lower_case: bool = True, add_blip_tokens: bool = True,
+                 legacy_lowercase: bool = False):
         if isinstance(tokens, str) or not isinstance(tokens, (list, tuple)):
             raise TypeError(f"WordPieceTokenizer: expected a list of tokens, got "
                             f"{type(tokens).__name__}")
@@ -158,6 +169,7 @@ class WordPieceTokenizer:
         if missing:
             raise ValueError(f"WordPieceTokenizer: the vocabulary lacks {missing}")
         self.lower_case = lower_case
+        self.legacy_lowercase = legacy_lowercase
         self._special = [t for t in SPECIAL_TOKENS if t in self._ids]
         self._special_ids = {self._ids[t] for t in self._special}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self._special) + ")")
@@ -245,7 +257,7 @@ class WordPieceTokenizer:
             if part in self._special:
                 out.append(part)
                 continue
-            for word in basic_tokenize(part, self.lower_case):
+            for word in basic_tokenize(part, self.lower_case, self.legacy_lowercase):
                 out += wordpiece(word, self._ids)
         return out
 
@@ -265,12 +277,9 @@ class WordPieceTokenizer:
                clean_up_tokenization_spaces: bool = True) -> str:
         """1-d ids -> text: pieces joined, "##" continuations glued to the piece
         before, special tokens dropped if ``skip_special_tokens``."""
-        ids = np.asarray(ids)
+        ids = row_of_ids(ids)
         if ids.size == 0:
             return ""
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"decode: expected a 1-d array of integer ids, got shape "
-                             f"{ids.shape} and dtype {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.vocab_size)]
             raise ValueError(f"decode: token ids must lie in [0, {self.vocab_size}), got "

@@ -66,6 +66,57 @@ def test_gradcheck_inputs_embeds_and_prefix_returns_both_in_order():
     assert report.max_rel_err <= 1e-6
 
 
+# OPT as checkpoints store it: positions read from row t + 2, token embeddings of
+# another width projected in and out (OPT-350m's word_embed_proj_dim), and a variant
+# without the final LayerNorm
+OPT_OPTIONS = [dict(position_offset=2), dict(position_offset=2, word_embed_dim=6),
+               dict(word_embed_dim=5, final_norm=False)]
+
+
+@pytest.mark.parametrize("options", OPT_OPTIONS)
+def test_gradcheck_opt_options(options):
+    lm = randomize(LanguageModel(cfg(**options), np.random.default_rng(0)))
+    E = lm.cfg.token_width
+    ids, mask, _ = batch()
+    prefix = np.random.default_rng(5).normal(size=(2, 3, E))
+    embeds = np.random.default_rng(2).normal(size=(2, 5, E))
+    report = check_layer(lm, ids, mask, None, prefix)
+    assert {r.name for r in report.rows} >= {n for n, _ in lm.named_params()} | {"input3"}
+    assert report.directional.passed and report.max_rel_err <= 1e-6
+    assert check_layer(lm, None, mask, embeds, prefix).passed
+    frozen = check_layer(lm.freeze(), ids, mask, None, prefix)  # through a frozen OPT
+    assert [r.name for r in frozen.rows] == ["input3"] and frozen.directional.passed
+
+
+@pytest.mark.parametrize("options", OPT_OPTIONS)
+def test_opt_options_shape_the_model(options):
+    lm = LanguageModel(cfg(**options), np.random.default_rng(0))
+    E = lm.cfg.token_width
+    assert lm.embed_tokens.weight.shape == (V, E)
+    assert lm.embed_positions.weight.shape == (12 + lm.cfg.position_offset, D)
+    assert (lm.project_in is None) == (E == D) and (lm.project_out is None) == (E == D)
+    assert (lm.final_layer_norm is None) == (not lm.cfg.final_norm)
+    if E != D:
+        assert lm.project_in.b is None and lm.project_out.W.shape == (D, E)
+    # the offset only moves which rows are read: positions 0..11 fit, 12 does not
+    ids = np.ones((1, 12), dtype=np.int64)
+    assert lm.forward(ids)[0].shape == (1, 12, V)
+    with pytest.raises(ValueError, match="exceed max_positions=12"):
+        lm.forward(np.ones((1, 13), dtype=np.int64))
+
+
+def test_position_offset_reads_later_rows():
+    plain = randomize(LanguageModel(cfg(), np.random.default_rng(0)))
+    shifted = randomize(LanguageModel(cfg(position_offset=2), np.random.default_rng(0)))
+    for a, b in zip(plain.params(), shifted.params()):
+        if a.shape == b.shape:
+            b.data[...] = a.data
+    shifted.embed_positions.weight.data[2:] = plain.embed_positions.weight.data
+    ids, mask, prefix = batch()
+    np.testing.assert_array_equal(plain.forward(ids, mask, prefix_embeds=prefix)[0],
+                                  shifted.forward(ids, mask, prefix_embeds=prefix)[0])
+
+
 def test_frozen_lm_gradcheck_of_the_prefix_alone():
     lm = randomize(LanguageModel(cfg(), np.random.default_rng(0))).freeze()
     ids, mask, prefix = batch()
@@ -233,9 +284,11 @@ def test_dropout_is_repeatable_with_the_same_seed():
 # Cached forward and generation
 # ---------------------------------------------------------------------------
 
-def test_incremental_forward_equals_full_forward():
-    lm = randomize(LanguageModel(cfg(), np.random.default_rng(0)))
-    ids, _, prefix = batch()
+@pytest.mark.parametrize("options", [{}] + OPT_OPTIONS)
+def test_incremental_forward_equals_full_forward(options):
+    lm = randomize(LanguageModel(cfg(**options), np.random.default_rng(0)))
+    ids, _, _ = batch()
+    prefix = np.random.default_rng(5).normal(size=(2, 3, lm.cfg.token_width))
     full, _ = lm.forward(ids, prefix_embeds=prefix)
     first, past = lm.forward_incremental(ids[:, :2], prefix_embeds=prefix)
     outs = [first]

@@ -12,17 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_readme_table():
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (the scripts import their neighbours)."""
     import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # readme_table imports its neighbour common
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("readme_table",
-                                                      ROOT / "benchmarks" / "readme_table.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     return module
+
+
+def load_readme_table():
+    return load_benchmark("readme_table")
 
 
 def test_readme_table_matches_results_json():
@@ -47,3 +51,18 @@ def test_markers_are_required(tmp_path):
     (tmp_path / "README.md").write_text("# no markers here\n")
     with pytest.raises(ValueError, match="performance table"):
         rt.update_readme(tmp_path / "r.json", tmp_path / "README.md")
+
+
+
+def test_readme_full_size_section_matches_hf_load_results():
+    bench = load_benchmark("bench_hf_load")
+    assert bench.update_readme(ROOT / "benchmarks" / "hf_load_results.json",
+                               ROOT / "README.md", check=True), \
+        "run python benchmarks/bench_hf_load.py --readme-only"
+
+
+def test_full_size_section_says_what_is_not_measured():
+    bench = load_benchmark("bench_hf_load")
+    text = bench.render({})
+    assert text.count("Not measured yet") == 3
+    assert "--model blip2-opt-2.7b` (alone on the machine" in text

@@ -110,7 +110,7 @@ def test_vit_shapes_and_config():
 
 
 @pytest.mark.parametrize("bad", [dict(image_size=30), dict(heads=3), dict(patch_size=0),
-                                 dict(dropout=1.0), dict(eps=0.0)])
+                                 dict(dropout=1.0), dict(eps=0.0), dict(final_norm=0)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="ViTConfig"):
         ViTConfig(**bad)
@@ -122,6 +122,56 @@ def test_vit_gradcheck_float64():
     report = check_layer(vit, images)  # every Param + pixels + one random direction
     assert len(report.rows) == len(vit.params()) + 1
     assert report.max_rel_err <= 1e-6, str(report)
+
+
+# BLIP-2's EVA ViT: q and v biases without a key bias, no final LayerNorm; and a ViT
+# without any q, k, v bias (Blip2VisionConfig(qkv_bias=False))
+EVA_OPTIONS = [dict(key_bias=False, final_norm=False), dict(qkv_bias=False),
+               dict(final_norm=False)]
+
+
+@pytest.mark.parametrize("options", EVA_OPTIONS)
+def test_vit_options_gradcheck_float64(options):
+    vit = tiny_vit(**options)
+    images = np.random.default_rng(3).standard_normal((2, 3, 8, 8))
+    report = check_layer(vit, images)
+    assert len(report.rows) == len(vit.params()) + 1
+    assert report.passed and report.directional.passed, str(report)
+
+
+@pytest.mark.parametrize("options", EVA_OPTIONS)
+def test_vit_options_leave_out_exactly_their_params(options):
+    vit = tiny_vit(**options)
+    names = {n for n, _ in vit.named_params()}
+    attn = vit.blocks[0].attn
+    qkv = options.get("qkv_bias", True)
+    assert (attn.query.b is not None) == qkv and (attn.value.b is not None) == qkv
+    assert (attn.key.b is not None) == (qkv and options.get("key_bias", True))
+    assert ("norm.gamma" in names) == options.get("final_norm", True)
+    plain = tiny_vit()
+    dropped = plain.param_count() - vit.param_count()
+    D, depth = 8, 2
+    assert dropped == (0 if options.get("final_norm", True) else 2 * D) + depth * D * (
+        3 if not qkv else 0 if options.get("key_bias", True) else 1)
+
+
+def test_vit_key_bias_cannot_change_the_output():
+    """A key bias adds q.b to every score of a query's row: the softmax ignores it,
+    which is why EVA can leave it out."""
+    vit = tiny_vit()
+    images = np.random.default_rng(3).standard_normal((2, 3, 8, 8))
+    before, _ = vit.forward(images)
+    for block in vit.blocks:
+        block.attn.key.b.data[...] = np.random.default_rng(9).normal(0, 3.0, 8)
+    np.testing.assert_allclose(vit.forward(images)[0], before, atol=1e-12)
+
+
+def test_forward_without_cache_gives_the_same_embeddings():
+    vit = tiny_vit()
+    images = np.random.default_rng(3).standard_normal((2, 3, 8, 8))
+    out, cache = vit.forward(images, keep_cache=False)
+    assert cache is None
+    np.testing.assert_array_equal(out, vit.forward(images)[0])
 
 
 def test_vit_gradcheck_with_dropout():

@@ -65,6 +65,17 @@ def test_words_longer_than_the_limit_are_unk():
     assert wordpiece("a" * (MAX_CHARS_PER_WORD + 1), vocab) == ["[UNK]"]
 
 
+def test_capital_sigma_lowercases_as_transformers_5_or_as_the_legacy_tokenizers():
+    # transformers 5's BertTokenizer lower-cases one character at a time: always "σ";
+    # str.lower (BERT's Python tokenizers, transformers 4.15) writes a final "ς"
+    assert basic_tokenize("ΣΑΣ ΟΔΟΣ σ") == ["σασ", "οδοσ", "σ"]
+    assert basic_tokenize("ΣΑΣ ΟΔΟΣ σ", legacy_lowercase=True) == ["σας", "οδος", "σ"]
+    assert basic_tokenize("İstanbul") == basic_tokenize("İstanbul", legacy_lowercase=True)
+    sigma = WordPieceTokenizer(VOCAB + ["σασ", "σας"])
+    legacy = WordPieceTokenizer(VOCAB + ["σασ", "σας"], legacy_lowercase=True)
+    assert sigma.tokenize("ΣΑΣ") == ["σασ"] and legacy.tokenize("ΣΑΣ") == ["σας"]
+
+
 def test_basic_tokenize_keeps_case_when_asked():
     assert basic_tokenize("Café, OK", lower_case=False) == ["Café", ",", "OK"]
 
