@@ -103,7 +103,7 @@ def test_ask_answers_each_image(capsys):
      "retrieve needs a BlipForImageTextRetrieval folder"),
     (["caption", PHOTO, "--from-pretrained", str(FIXTURES / "blip2_opt_q8"),
       "--max-length", "3", "--prompt", "a photo of"],
-     "max_length \\(3\\) counts the prompt"),
+     "max_length \\(3\\) counts them"),
     (["caption", PHOTO, "--checkpoint", "x.npz", "--download"], "--download fetches"),
 ])
 def test_wrong_models_and_options_are_one_line(capsys, argv, message):
