@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .core import Module, Param, check_float, check_ids, check_last_dim, row_mean
+from .core import Module, Param, check_float, check_ids, check_last_dim, col_sum, row_mean
 
 
 class Linear(Module):
@@ -46,7 +46,7 @@ class Linear(Module):
         if self.W.trainable:  # undoes x @ W: (d_in, N) @ (N, d_out)
             self.W.grad += x.reshape(-1, self.d_in).T @ dy2
         if self.b is not None and self.b.trainable:
-            self.b.grad += dy2.sum(axis=0)  # b was broadcast over every leading position
+            self.b.grad += col_sum(dy2)  # b was broadcast over every leading position
         # undoes x @ W for x: (N, d_out) @ (d_out, d_in), then the leading axes back. One 2-D
         # product: NumPy runs a stacked (B, T, d_out) @ W.T as B small ones, several times slower
         return (dy2 @ self.W.data.T).reshape(*dy.shape[:-1], self.d_in)
@@ -116,11 +116,10 @@ class LayerNorm(Module):
         (notebooks/01_backprop_and_gradcheck)."""
         ### BEGIN SOLUTION
         xhat, rstd = cache
-        lead = tuple(range(dy.ndim - 1))
         if self.gamma.trainable:
-            self.gamma.grad += np.sum(dy * xhat, axis=lead)  # undoes * gamma (broadcast over rows)
+            self.gamma.grad += col_sum(dy * xhat)  # undoes * gamma (broadcast over rows)
         if self.beta.trainable:
-            self.beta.grad += np.sum(dy, axis=lead)  # undoes + beta
+            self.beta.grad += col_sum(dy)  # undoes + beta
         dxhat = dy * self.gamma.data
         # undoes xhat = (x - mu) * rstd, where mu and rstd depend on every x of the row:
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
