@@ -17,8 +17,8 @@ DEMO_LONG_STEPS = 8000
 
 
 def _train_options(p: argparse.ArgumentParser, steps_default: int | None) -> None:
-    from .train import TrainConfig
-    d = TrainConfig()
+    from .demo import demo_config
+    d = demo_config()
     p.add_argument("--steps", type=int, default=steps_default or d.steps,
                    help="optimiser steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -42,14 +42,13 @@ def _train_options(p: argparse.ArgumentParser, steps_default: int | None) -> Non
 
 
 def _config_from(args):
-    from .train import TrainConfig
+    from .demo import demo_config
     warmup = args.warmup_steps
     if warmup is None:
-        warmup = min(TrainConfig.warmup_steps, args.steps // 10)
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       warmup_steps=warmup,
-                       n_train=args.n_train, n_test=args.n_test, width=args.width,
-                       depth=args.depth, sharing=args.sharing)
+        warmup = min(demo_config().warmup_steps, args.steps // 10)
+    return demo_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       warmup_steps=warmup, n_train=args.n_train, n_test=args.n_test,
+                       width=args.width, depth=args.depth, sharing=args.sharing)
 
 
 def _print_table(metrics: dict) -> None:
