@@ -5,8 +5,8 @@ would save.
     python benchmarks/bench_kernels.py [--threads 1] [--repeats 9]
 
 Nothing in minblip is changed. The worker runs one ``Trainer.train_step``
-with recording wrappers around Linear backward, the patch embedding's
-backward and the self-attention projections, keeping every input, upstream
+with recording wrappers around the patch embedding's backward and the
+self-attention projections, keeping every input, upstream
 gradient and cache. Then, for each kernel, it times the current method on all
 recorded calls of the step (one round) against a candidate written here,
 alternating the two for ``--repeats`` rounds, and reports the median
@@ -15,7 +15,8 @@ results relative to the largest value (float32 rounding is about 1e-7). The
 AdamW step is measured the same way.
 
 The candidates that were worth it (attention's softmax reductions, LayerNorm,
-GELU, the embedding scatter, the clipping norm) are now minblip's own code;
+GELU, the embedding scatter, the clipping norm, the bias gradient as a
+vector-matrix product) are now minblip's own code;
 their before-and-after figures come from ``compare_revisions.py`` and are in
 README.md.
 """
@@ -52,10 +53,9 @@ def fused_qkv(x, mha, dq, dk, dv, np):
 
 def record_step(step):
     from minblip.attention import MultiHeadAttention
-    from minblip.layers import Linear
     from minblip.vit import PatchEmbed
 
-    rec = {"qkv": [], "patch": [], "linear": []}
+    rec = {"qkv": [], "patch": []}
     by_cache = {}
     restore = []
 
@@ -89,7 +89,6 @@ def record_step(step):
                  and kw.get("context") is None and kw.get("past_kv") is None)
     wrap_backward(MultiHeadAttention)
     wrap_backward(PatchEmbed, "patch")
-    wrap_backward(Linear, "linear")
     try:
         step()
     finally:
@@ -135,29 +134,6 @@ def kernels(rec, step, np):
             worst = max(worst, _rel(y, np.concatenate(ys, -1), np), _rel(dx, sum(dxs), np))
         return worst
     out["self-attention q/k/v as one product"] = (cur_qkv, new_qkv, check_qkv, len(qkv_calls))
-
-    linear_calls = rec["linear"]
-    bias_calls = [e for e in linear_calls if e["module"].b is not None]
-
-    def cur_bias():
-        for e in bias_calls:
-            e["dout"].reshape(-1, e["module"].d_out).sum(axis=0)
-
-    def new_bias():
-        for e in bias_calls:
-            d2 = e["dout"].reshape(-1, e["module"].d_out)
-            np.ones(d2.shape[0], d2.dtype) @ d2
-
-    def check_bias():
-        worst = 0.0
-        for e in bias_calls:
-            d2 = e["dout"].reshape(-1, e["module"].d_out)
-            # relative to the summed magnitudes: some sums (the key biases) are 0 exactly
-            err = np.abs(np.ones(d2.shape[0], d2.dtype) @ d2 - d2.sum(axis=0)).max()
-            worst = max(worst, float(err / max(np.abs(d2).sum(axis=0).max(), 1e-30)))
-        return worst
-    out["Linear bias gradient (sum over rows)"] = (cur_bias, new_bias, check_bias,
-                                                   len(bias_calls))
 
     patch_calls = rec["patch"]
 

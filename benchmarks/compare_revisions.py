@@ -27,10 +27,11 @@ its tree has: the one loop ``Trainer(task)`` with ``blip_trainer`` and
 ``minblip.blip2.Stage1Trainer``. Both draw the same batches and compute the
 same steps, so the two sides time the same work:
 
-* ``blip_step``: one training step of the demo (``TrainConfig()`` model and
-  batch) on one fixed batch;
+* ``blip_step``: one training step of the demo (``minblip.demo.demo_config()``
+  model and batch, or ``TrainConfig()``'s in a revision before the demo had
+  its own recipe) on one fixed batch;
 * ``blip2_step``: one stage-1 training step (``Stage1Config()``) on one fixed
-  batch of precomputed frozen-encoder features;
+  batch of precomputed features of a frozen ViT of ``TrainConfig()``'s size;
 * ``beam_captions``: 3-beam captions of 8 images, cached, each filling the
   demo decoder's 20 positions ([DEC] and 19 new tokens);
 * ``greedy_captions``: the same with greedy decoding, for 32 images.
@@ -78,8 +79,9 @@ def keep_freed_memory() -> None:
 def _training(demo, data):
     """(BLIP trainer, stage-1 trainer on ``data``, tokenizer), each trainer's
     ``train_step`` repeating one fixed batch, with the training API of the
-    minblip on sys.path."""
+    minblip on sys.path. The stage-1 ViT has ``TrainConfig()``'s size."""
     import numpy as np
+    from minblip.train import TrainConfig
     from minblip.vit import VisionTransformer
 
     try:
@@ -90,7 +92,8 @@ def _training(demo, data):
         from minblip.train import Trainer
 
         trainer = Trainer(demo)
-        vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+        vision = TrainConfig().model_config(trainer.tokenizer.vocab_size).vision
+        vit = VisionTransformer(vision, np.random.default_rng([0, 1]))
         stage1 = Stage1Trainer(Stage1Config(), vit, data, tokenizer=trainer.tokenizer)
         for t in (trainer, stage1):
             batch = t.sample_batch()
@@ -99,7 +102,8 @@ def _training(demo, data):
 
     trainer = blip_trainer(demo)
     tok = trainer.task.tokenizer
-    vit = VisionTransformer(trainer.model.cfg.vision, np.random.default_rng([0, 1]))
+    vision = TrainConfig().model_config(tok.vocab_size).vision
+    vit = VisionTransformer(vision, np.random.default_rng([0, 1]))
     stage1 = Trainer(Stage1Training(Stage1Config(), vit, data, tokenizer=tok))
     for t in (trainer, stage1):
         batch = t.task.sample_batch(t.data_rng)
@@ -115,8 +119,12 @@ def build_workloads() -> dict:
     from minblip.image import preprocess
     from minblip.train import TrainConfig
 
-    demo = TrainConfig(n_train=256, n_val=8, n_test=8)
-    data = world.make_dataset(64, 1, 1, seed=0, image_size=demo.image_size)
+    try:
+        from minblip.demo import demo_config
+    except ImportError:  # a revision whose demo ran on TrainConfig's defaults
+        demo_config = TrainConfig
+    demo = demo_config(n_train=256, n_val=8, n_test=8)
+    data = world.make_dataset(64, 1, 1, seed=0, image_size=TrainConfig().image_size)
     trainer, stage1, tok = _training(demo, data)
     pixels = preprocess(data.train.images[:32], demo.image_size)
     embeds, _ = trainer.model.encode_image(pixels)

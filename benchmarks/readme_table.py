@@ -20,26 +20,52 @@ import common
 BEGIN = "<!-- performance table -->"
 END = "<!-- end of performance table -->"
 
-# (results key, what it is, target text, test of the target or None, how to print)
+def _largest(m: dict) -> str:
+    return (f"width {m['width']}, depth {m['depth']} ({m['params']:,} parameters), "
+            f"{m['steps']} steps in {m['cpu_s'] / 60:.1f} min: recall@1 {m['i2t_recall@1']:.2f} / "
+            f"{m['t2i_recall@1']:.2f}, ITM on hard negatives {m['itm_hard_negative_accuracy']:.2f}, "
+            f"caption attributes {m['caption_attribute_accuracy']:.2f} (position "
+            f"{m['caption_position_accuracy']:.2f})")
+
+
+# (results key, what it is, target text, test of the target or None, how to print: a
+# format string or a function). A target holds for the 1-thread figure, minblip's
+# setting; the training step's is held at 2 threads too (the issue that set it asked).
 ROWS = (
     ("train_step_ratio_vs_torch", "BLIP training step, minblip time / PyTorch time",
-     "at most 1.5 (aim 1.2)", lambda v: v <= 1.5, "{:.2f}"),
+     "at most 0.9", lambda v: v <= 0.9, "{:.2f}"),
     ("blip2_step_ratio_vs_torch", "BLIP-2 stage-1 step, minblip time / PyTorch time",
-     "at most 1.5", lambda v: v <= 1.5, "{:.2f}"),
+     "at most 1.1", lambda v: v <= 1.1, "{:.2f}"),
     ("generation_cache_speedup", "30-token greedy captions: uncached time / cached time",
      "at least 5", lambda v: v >= 5, "{:.1f}"),
-    ("matmul_share", "share of a training step inside matrix products", "-", None, "{:.0%}"),
+    ("matmul_share", "share of a training step inside matrix products", "at least 60%",
+     lambda v: v >= 0.6, "{:.0%}"),
     ("demo_seconds", "`python -m minblip demo`, wall time", "under 5 min",
      lambda v: v < 300, "{:.0f} s"),
     ("demo_peak_memory_mb", "`python -m minblip demo`, peak memory", "under 1 GB",
      lambda v: v < 1024, "{:.0f} MB"),
+    ("demo_i2t_recall@1", "the demo's image-to-text recall@1 (test split)", "at least 0.93",
+     lambda v: v >= 0.93, "{:.3f}"),
+    ("demo_t2i_recall@1", "the demo's text-to-image recall@1", "at least 0.93",
+     lambda v: v >= 0.93, "{:.3f}"),
+    ("demo_itm_hard_negative_accuracy", "the demo's ITM accuracy on hard negatives",
+     "at least 0.75", lambda v: v >= 0.75, "{:.3f}"),
+    ("demo_caption_attribute_accuracy", "the demo's caption attribute accuracy",
+     "at least 0.85", lambda v: v >= 0.85, "{:.3f}"),
+    ("demo_caption_position_accuracy", "the demo's caption position accuracy",
+     "at least 0.70", lambda v: v >= 0.70, "{:.3f}"),
     ("test_command_seconds", "the README's test command, wall time", "under 10 min",
      lambda v: v < 600, "{:.0f} s"),
+    ("largest_model", "the largest model a student can pretrain in 10 minutes (the demo's "
+     "recipe, wider or deeper), and what it reaches", "-", None, _largest),
 )
+BOTH_THREADS = ("train_step_ratio_vs_torch",)
 
 
-def _cell(value, fmt: str) -> str:
-    return "not measured" if value is None else fmt.format(value)
+def _cell(value, fmt) -> str:
+    if value is None:
+        return "not measured"
+    return fmt(value) if callable(fmt) else fmt.format(value)
 
 
 def render(results: dict) -> str:
@@ -54,9 +80,8 @@ def render(results: dict) -> str:
         if meets is None:
             verdict = "-"
         else:
-            # the target is for the setting minblip uses (1 thread); the 2-thread ratio
-            # is held to it too where the issue asks (the training step)
-            measured = [v for v in (one, two) if v is not None]
+            measured = [v for v in ((one, two) if key in BOTH_THREADS else (one,))
+                        if v is not None]
             verdict = ("not measured" if not measured
                        else "yes" if all(meets(v) for v in measured) else "**no**")
         lines.append(f"| {what} | {target} | {_cell(one, fmt)} | "

@@ -5,8 +5,10 @@
 Runs, in this order: the training step against the PyTorch twin, the BLIP-2
 stage-1 step against its twin, caption generation with and without the cache,
 the matrix-product share, the candidate kernels and (unless ``--skip-slow``)
-the test command and the demo. Each prints its figures as it goes. Last, the
-performance table of README.md is rewritten from the new results
+the test command, the demo (its time, memory and quality figures) and the
+largest model whose demo recipe fits in 10 minutes (``largest_model.py``).
+Each prints its figures as it goes. Last, the performance table of README.md
+is rewritten from the new results
 (``readme_table.py``; ``--no-readme`` leaves it alone). The headline
 figures are taken at one BLAS thread (the setting the tests and notebooks
 use); every script also measures two threads, and results.json keeps both
@@ -29,6 +31,7 @@ import bench_matmul_share
 import bench_suite
 import bench_train_step
 import common
+import largest_model
 import readme_table
 
 RESULTS = common.ROOT / "benchmarks" / "results.json"
@@ -70,8 +73,10 @@ def main(argv=None) -> int:
     record("matmul_share", bench_matmul_share.headline(details["matmul_share"]))
     details["kernels"] = bench_kernels.measure((1,), args.repeats)
 
+    quality_keys = [f"demo_{key}" for key in bench_suite.DEMO_QUALITY]
     if args.skip_slow:
-        for key in ("demo_peak_memory_mb", "demo_seconds", "test_command_seconds"):
+        for key in ("demo_peak_memory_mb", "demo_seconds", "test_command_seconds",
+                    *quality_keys, "largest_model"):
             record(key, (None, "skipped (run_all.py --skip-slow)"))
     else:
         slow = details["suite"] = bench_suite.measure(args.test_python, threads=1)
@@ -80,6 +85,13 @@ def main(argv=None) -> int:
                                  ("test_command_seconds", "tests", "wall_s")):
             r = slow[part]
             record(key, (r[field], None) if "error" not in r else (None, r["error"]))
+        demo = slow["demo"]
+        for key in bench_suite.DEMO_QUALITY:
+            record(f"demo_{key}", (demo["metrics"][key], None) if "metrics" in demo
+                   else (None, demo.get("error", "the demo wrote no metrics.json")))
+        largest = details["largest_model"] = largest_model.measure(10.0, quick=False)
+        record("largest_model", (largest_model.summary(largest), None) if "error" not in largest
+               else (None, largest["error"]))
 
     by_threads = {}
     for key, name, fn in (("train_step_ratio_vs_torch", "train_step", bench_train_step.headline),

@@ -12,15 +12,16 @@ from common import use_repo
 
 use_repo()
 
+from minblip import demo  # noqa: E402
 from minblip.blip import pretrain_step  # noqa: E402
 from minblip.train import TrainConfig, blip_trainer  # noqa: E402
 
 
 def demo_config() -> TrainConfig:
-    """The demo's model, batch and optimiser (``TrainConfig()`` defaults); only
-    the pool of generated images is smaller, since a step draws 32 of them
-    either way and generating 5000 would only slow the set-up."""
-    return TrainConfig(n_train=256, n_val=8, n_test=8)
+    """The demo's model, batch and optimiser (``minblip.demo.demo_config()``);
+    only the pool of generated images is smaller, since a step draws its batch
+    from it either way and generating 5000 would only slow the set-up."""
+    return demo.demo_config(n_train=256, n_val=8, n_test=8)
 
 
 class MinblipStep:
@@ -29,11 +30,13 @@ class MinblipStep:
     BLIP pretraining task's ``sample_batch`` is replaced so no time goes to
     drawing captions."""
 
-    def __init__(self, cfg: TrainConfig | None = None):
+    def __init__(self, cfg: TrainConfig | None = None, batch=None):
+        """``batch`` (images, ids, mask) replaces the task's first batch (the
+        scaling benchmark gives texts of a chosen length)."""
         self.cfg = cfg or demo_config()
         self.trainer = blip_trainer(self.cfg)
         task = self.trainer.task
-        self.batch = task.sample_batch(self.trainer.data_rng)
+        self.batch = task.sample_batch(self.trainer.data_rng) if batch is None else batch
         task.sample_batch = lambda rng: self.batch
         tok = task.tokenizer
         self.ids = dict(cls_id=tok.cls_id, enc_id=tok.enc_id, dec_id=tok.dec_id)

@@ -38,8 +38,8 @@ _RUN_OPTIONS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "n_train", 
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
-    d = TrainConfig()
+    from .demo import demo_config
+    d = demo_config()
     p.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
     p.add_argument("--batch-size", type=int,
                    help=f"image-caption pairs per step (default {d.batch_size})")
@@ -74,12 +74,12 @@ def _given_options(args) -> dict:
 
 
 def _config_from(args):
-    from .train import TrainConfig
+    from .demo import demo_config
     given = _given_options(args)
     if "warmup_steps" not in given:
-        steps = given.get("steps", TrainConfig.steps)
-        given["warmup_steps"] = min(TrainConfig.warmup_steps, steps // 10)
-    return TrainConfig(**given)
+        steps = given.get("steps", demo_config().steps)
+        given["warmup_steps"] = min(demo_config().warmup_steps, steps // 10)
+    return demo_config(**given)
 
 
 def _refuse_to_replace(checkpoint: Path, overwrite: bool, how_to_continue: str) -> None:

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -336,22 +337,40 @@ def check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Sums, means and maxima along the last axis. Rows here are short (16-256
-# values), and NumPy's reductions pay a fixed cost per row along a short
-# contiguous axis. A matrix-vector product with a vector of ones does the same
-# sum inside BLAS, and a max is cheaper down the columns of the transposed rows
-# (benchmarks/bench_kernels.py measures both). Sums and means equal np.sum /
-# np.mean up to the order of the additions; maxima are exact.
+# Sums, means and maxima along the last axis, and sums down the columns. Rows
+# here are short (16-256 values), and NumPy's reductions pay a fixed cost per
+# row along a short contiguous axis. A matrix-vector product with a vector of
+# ones does the same sum inside BLAS, and a max is cheaper down the columns of
+# the transposed rows (benchmarks/bench_kernels.py measures both); a column sum
+# (a bias gradient: every row's contribution added up) is faster as a
+# vector-matrix product too. Sums and means equal np.sum / np.mean up to the
+# order of the additions; maxima are exact.
 # ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=256)
+def _filled(n: int, value: float, dtype: np.dtype) -> np.ndarray:
+    """A read-only (n,) vector of ``value``, made once per size: the ones (and 1/n)
+    the reductions below multiply by, a few hundred times a training step."""
+    v = np.full(n, value, dtype)
+    v.setflags(write=False)
+    return v
+
 
 def row_sum(x: np.ndarray) -> np.ndarray:
     """(..., D) -> (..., 1): the sum over the last axis, keepdims."""
-    return (x @ np.ones(x.shape[-1], x.dtype))[..., None]  # (..., D) @ (D,) -> (...)
+    return (x @ _filled(x.shape[-1], 1.0, x.dtype))[..., None]  # (..., D) @ (D,) -> (...)
 
 
 def row_mean(x: np.ndarray) -> np.ndarray:
     """(..., D) -> (..., 1): the mean over the last axis, keepdims."""
-    return (x @ np.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype))[..., None]
+    return (x @ _filled(x.shape[-1], 1.0 / x.shape[-1], x.dtype))[..., None]
+
+
+def col_sum(x: np.ndarray) -> np.ndarray:
+    """(..., D) -> (D,): the sum over every leading axis (the gradient of a Param
+    that was broadcast over every row)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return _filled(rows.shape[0], 1.0, x.dtype) @ rows  # (N,) @ (N, D) -> (D,)
 
 
 def row_max(x: np.ndarray) -> np.ndarray:

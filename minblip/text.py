@@ -28,7 +28,7 @@ import numpy as np
 
 from .attention import causal_mask, padding_mask
 from .core import (Module, Param, check_float, check_mask01, check_ndim, check_rng,
-                   check_token_matrix)
+                   check_token_matrix, col_sum)
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear
 from .transformer import PostNormBlock
 
@@ -331,7 +331,7 @@ class LMHead(Module):
         V, D = self.weight.shape
         d2 = dlogits.reshape(-1, V)
         if self.bias.trainable:
-            self.bias.grad += d2.sum(axis=0)  # undoes + bias (broadcast over the B*T rows)
+            self.bias.grad += col_sum(d2)  # undoes + bias (broadcast over the B*T rows)
         if self.weight.trainable:  # undoes t @ E^T: (V, N) @ (N, D) -> (V, D)
             self.weight.grad += d2.T @ t.reshape(-1, D)
         dt = dlogits @ self.weight.data  # undoes t @ E^T: (B, T, V) @ (V, D) -> (B, T, D)

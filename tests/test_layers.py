@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from layer_helpers import Seeded, randomize
 from minblip import check_layer
+from minblip.core import col_sum, row_max, row_mean, row_sum
 from minblip.layers import GELU, Dropout, Embedding, LayerNorm, Linear, erf
 from minblip.softmax import CrossEntropyLoss, L2Normalize, LogSoftmax, Softmax
 from minblip.transformer import FeedForward
@@ -140,6 +141,23 @@ def test_linear_forward_is_x_at_W_plus_b_per_row():
         want = [sum(x[idx][i] * layer.W.data[i, j] for i in range(3)) + layer.b.data[j]
                 for j in range(2)]
         np.testing.assert_allclose(y[idx], want, rtol=1e-13, atol=1e-15)
+
+
+@given(lead=lead_shapes, d=st.integers(1, 7), seed=seeds,
+       dtype=st.sampled_from([np.float32, np.float64]), transposed=st.booleans())
+def test_row_and_column_reductions_equal_numpy(lead, d, seed, dtype, transposed):
+    # the BLAS forms of core's reductions against NumPy's own, strided inputs too
+    x = np.random.default_rng(seed).standard_normal((*lead, d)).astype(dtype)
+    if transposed:  # the same values in a non-contiguous layout
+        x = np.ascontiguousarray(np.swapaxes(x, 0, -1)).swapaxes(0, -1)
+    tol = dict(rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    np.testing.assert_allclose(row_sum(x), x.sum(axis=-1, keepdims=True), **tol)
+    np.testing.assert_allclose(row_mean(x), x.mean(axis=-1, keepdims=True), **tol)
+    np.testing.assert_array_equal(row_max(x), x.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(col_sum(x), x.reshape(-1, d).sum(axis=0), **tol)
+    for out in (row_sum(x), row_mean(x), row_max(x), col_sum(x)):
+        assert out.dtype == dtype
+    assert col_sum(x).shape == (d,)
 
 
 def test_embedding_forward_looks_up_rows():
