@@ -223,7 +223,8 @@ def read_config(path) -> dict:
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"'{path}' is not a readable checkpoint ({err})") from None
+        raise ValueError(f"'{path}' is not a readable checkpoint: the file is truncated, corrupt "
+                         f"or not a .npz archive ({err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"'{path}' is a single array, not a minblip checkpoint")
     with archive:
@@ -233,6 +234,45 @@ def read_config(path) -> dict:
             return json.loads(str(archive["config"]))
         except ValueError as err:
             raise ValueError(f"'{path}': its stored config is not valid JSON ({err})") from None
+
+
+def read_shapes(path) -> dict[str, tuple[tuple, np.dtype]]:
+    """The name, shape and dtype of every array in the ``.npz`` at ``path``, read from
+    the archive's directory and each array's ``.npy`` header, without reading any
+    array: what a loader checks against a configuration before it allocates a
+    model. An array whose header announces more bytes than its member holds (a
+    truncated or forged file) raises a ValueError naming it, as does a file that
+    is not a readable ``.npz``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename!r} is not a .npy array")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = reader(member)
+                    header_bytes = member.tell()
+                if dtype.hasobject:
+                    raise ValueError(f"array {info.filename!r} holds Python objects "
+                                     f"(minblip stores plain numbers only)")
+                needed = header_bytes + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if info.file_size != needed:
+                    raise ValueError(f"array {info.filename!r} announces shape {shape} "
+                                     f"{dtype} ({needed} bytes with its header) but holds "
+                                     f"{info.file_size} bytes")
+                shapes[info.filename[:-len(".npy")]] = (tuple(shape), dtype)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+        raise ValueError(f"{path}: cannot read the checkpoint: the file is truncated, corrupt "
+                         f"or not a .npz archive ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid minblip checkpoint: {e}") from None
+    return shapes
 
 
 def rng_state(rng: np.random.Generator) -> dict:
