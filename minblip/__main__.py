@@ -399,9 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start stage 2 from the stage-1 Q-Former (BLIP-2's recipe), a fresh "
                         "one, or stage 1 with the language model trained too (default "
                         "%(default)s)")
-    p.add_argument("--jobs", type=int, default=default_jobs(), choices=[1, 2],
+    p.add_argument("--jobs", type=int, default=default_jobs(),
                    help="processes: 2 pretrains the language models and runs one stage 2 in a "
-                        "worker, with the same numbers (default %(default)s)")
+                        "worker (the most one run uses); --ablation runs its trainings in "
+                        "this many workers; the numbers are the same (default %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="instead of one run, the paper's three ablations over --seeds: stage 2 "
                         "from stage 1 / fresh / unfrozen, stage 1 with and without ITG, 1-32 "

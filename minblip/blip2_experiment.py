@@ -31,6 +31,7 @@ docs/blip2_results.md reports a run of the default command.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -61,7 +62,7 @@ class AblationConfig:
     seeds: tuple = (0, 1, 2)
     stage2_inits: tuple = STAGE2_INITS
     queries: tuple = (1, 4, 8, 32)
-    stage1_lrs: tuple = (1e-3, 4e-3)  # besides the run's own
+    stage1_lrs: tuple = ()  # learning rates besides the run's own (e.g. (1e-3, 4e-3))
     # the frozen ViT minblip used before: a short, narrow ITC-only BLIP (empty: no such variant)
     weak_vision: dict = field(default_factory=lambda: dict(
         vision_steps=1500, vision_width=32, vision_depth=1, vision_heads=2, vision_lr=3e-3,
@@ -155,8 +156,9 @@ def _lm_task(cfg: Blip2RunConfig) -> dict:
 
 def _stage2_task(cfg: Blip2RunConfig, kind: str, init: str, lm, stage1_model, vit, data,
                  points: int) -> dict:
-    out = train_and_evaluate_stage2(cfg, kind, lm, stage1_model, vit, data, init=init,
-                                    eval_every=cfg.stage2_steps // points,
+    # a copy: "unfrozen" trains the LM, and with jobs=1 the next run gets the same object
+    out = train_and_evaluate_stage2(cfg, kind, copy.deepcopy(lm), stage1_model, vit, data,
+                                    init=init, eval_every=cfg.stage2_steps // points,
                                     eval_method="greedy")
     keep = ("stage2_caption_attribute_accuracy", "zero_shot_answer_accuracy",
             "zero_shot_blind_accuracy", "zero_shot_chance_accuracy", "trainable_parameters",
@@ -497,7 +499,8 @@ def plot_stage1_ablations(summary: dict):
 
 def write_report(out, summary: dict) -> None:
     """``metrics.json`` (the summary, every seed's numbers included), ``tables.md``,
-    ``stage2_curves.png`` and ``stage1_ablations.png`` in folder ``out``."""
+    ``stage2_curves.png`` and ``stage1_ablations.png`` in folder ``out`` (:func:`run_ablation`
+    has written ``tasks.json``, every task's own numbers, there first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", summary)
@@ -521,6 +524,13 @@ def run_ablation(out, cfg: AblationConfig | None = None, *, vision_checkpoint=No
     say = log if log is not None else (lambda line: None)
     wall0 = time.perf_counter()
     results = run_seeds(cfg, vision_checkpoint, jobs, say)
+    # every task's numbers, before anything else can fail (the models stay behind)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "tasks.json", [
+        {"task": list(key), **{k: v for k, v in value.items() if k in ("recall", "curve",
+                                                                       "cpu_per_step", "cpu",
+                                                                       "metrics", "blip_recall")}}
+        for key, value in results.items()])
     summary = summarize(cfg, results)
     summary["wall_seconds"] = time.perf_counter() - wall0
     summary["jobs"] = jobs

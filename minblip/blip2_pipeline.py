@@ -90,7 +90,7 @@ class Blip2RunConfig:
     batch_size: int = 32          # image-text pairs per step, every training here
     # the frozen image encoder when no checkpoint is given: an ITC-only BLIP of the demo's
     # sizes and optimiser (TrainConfig's defaults)
-    vision_steps: int = 3000
+    vision_steps: int = 4000
     vision_width: int = 64
     vision_depth: int = 2
     vision_heads: int = 4
@@ -102,7 +102,7 @@ class Blip2RunConfig:
     qformer_depth: int = 2
     qformer_heads: int = 4
     num_queries: int = 8
-    stage1_steps: int = 1500
+    stage1_steps: int = 2000
     stage1_lr: float = 2e-3
     stage1_init_std: float = 0.1  # BLIP-2 starts from BERT; from scratch, 0.02 stalls ITC
     stage1_weights: tuple = (1.0, 1.0, 1.0)  # ITC, ITM, ITG
@@ -112,14 +112,14 @@ class Blip2RunConfig:
     lm_depth: int = 2             # the decoder-only LM's layers; the T5's encoder and decoder
     lm_heads: int = 4
     t5_mlp_dim: int = 128         # T5's gated feed-forward has three matrices to OPT's two
-    lm_steps: int = 1500
+    lm_steps: int = 3000          # 1500 left the decoder-only LM unable to carry sizes over
     lm_lr: float = 5e-3
-    lm_corpus_size: int = 4096    # documents written once, drawn from at every step
+    lm_corpus_size: int = 16384   # documents written once, drawn from at every step
     # stage 2
-    stage2_steps: int = 2000
+    stage2_steps: int = 4000
     stage2_lr: float = 5e-3
     stage2_init: str = "stage1"   # or "fresh" (no stage 1) or "unfrozen" (the LM trains too)
-    stage2_min_prefix: int = 1    # T5's prefix-LM split: at least this many words of prefix
+    stage2_min_prefix: int = 0    # T5's prefix-LM split: the shortest prefix (Stage2Config)
     # evaluation
     k_test: int = 16              # ITM re-ranks each query's k_test best ITC candidates
     num_beams: int = 5            # Blip2OPT.generate's and Blip2T5.generate's default
@@ -426,7 +426,8 @@ class PartRunner:
     def __init__(self, jobs: int = 1):
         world.check_int("jobs", jobs, 1)
         if jobs > 2:
-            raise ValueError(f"jobs: the pipeline runs at most two parts at a time, got {jobs}")
+            raise ValueError(f"jobs: one BLIP-2 run has at most two parts to run at a time, "
+                             f"so jobs must be 1 or 2, got {jobs}")
         self.pool = None
         if jobs == 2:
             import multiprocessing
@@ -479,13 +480,14 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
     if vision_checkpoint is not None and not Path(vision_checkpoint).is_file():
         raise FileNotFoundError(f"vision checkpoint: no file at '{vision_checkpoint}' "
                                 f"('python -m minblip demo' writes runs/demo/checkpoint.npz)")
+    runner = PartRunner(jobs)  # checks jobs; its worker starts with the first part sent to it
     say = log if log is not None else (lambda line: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     worker_cpu = 0.0
 
-    with PartRunner(jobs) as runner:
+    with runner:
         # ---- the language models pretrain (in the worker when there is one) ----
         lms_future = runner.submit(pretrain_language_models, cfg)
         # ---- the world, the frozen image encoder and stage 1, here ----

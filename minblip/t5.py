@@ -112,6 +112,10 @@ class T5Config:
         if self.num_buckets < 4 or self.num_buckets % 2:
             raise ValueError(f"T5Config.num_buckets: expected an even number >= 4 (half of "
                              f"them per direction in the encoder), got {self.num_buckets}")
+        if self.max_distance <= self.num_buckets // 2:
+            raise ValueError(f"T5Config.max_distance: expected more than num_buckets // 2 = "
+                             f"{self.num_buckets // 2} (the distances with a bucket each), got "
+                             f"{self.max_distance}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"T5Config.dropout: expected a value in [0, 1), got {self.dropout}")
         for name in ("eps", "init_factor"):

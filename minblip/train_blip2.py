@@ -335,7 +335,10 @@ class Stage2Config:
     grad_clip: float = 1.0
     max_text_len: int = 20
     prompt: str = ""  # LAVIS pre-trains with "" and fine-tunes COCO with "a photo of"
-    min_prefix: int = 1  # encoder-decoder only: the shortest prefix of the prefix-LM split
+    # encoder-decoder only: the shortest prefix of the prefix-LM split. The author's split
+    # starts at 1 word (LAVIS #139); 0 also trains the empty prefix that zero-shot
+    # captioning uses, without which minblip's small T5 starts its captions mid-sentence
+    min_prefix: int = 0
     seed: int = 0
 
     def __post_init__(self):

@@ -228,6 +228,8 @@ def test_bad_input_is_named():
         cfg(heads=3)
     with pytest.raises(ValueError, match="num_buckets"):
         cfg(num_buckets=7)
+    with pytest.raises(ValueError, match="max_distance"):
+        cfg(num_buckets=32, max_distance=16)
     with pytest.raises(TypeError, match="T5Config"):
         EncoderDecoderLM({"vocab_size": V}, np.random.default_rng(0))
 
