@@ -283,10 +283,22 @@ def _no_download_without_pretrained(args) -> None:
 
 
 def cmd_caption(args) -> int:
+    from .blip2_checkpoint import is_blip2_checkpoint
     _no_download_without_pretrained(args)
     rng = np.random.default_rng(args.seed)
     if args.from_pretrained:
         captions = _caption_pretrained(*_pretrained(args), args, rng)
+    elif is_blip2_checkpoint(args.checkpoint):  # a BLIP-2 from 'python -m minblip blip2'
+        from .blip2_checkpoint import load_blip2
+        from .evaluate_blip2 import stage2_captions
+        model, tok, _ = load_blip2(args.checkpoint)
+        pixels = _load_images(args.images, model.image_size)
+        # Blip2OPT.generate / Blip2T5.generate: beam search with 5 beams, min_length 1
+        captions = stage2_captions(model, tok, pixels, prompt=args.prompt, method=args.method,
+                                   num_beams=args.beams or 5, max_length=args.max_length or 20,
+                                   min_length=1 if args.min_length is None else args.min_length,
+                                   rng=rng)
+        captions = [f"{args.prompt} {c}".strip() for c in captions]  # the prompt included
     else:
         from .evaluate import caption_images
         from .train import load_model
@@ -303,10 +315,38 @@ def cmd_caption(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    _no_download_without_pretrained(args)
     rng = np.random.default_rng(args.seed)
-    answers = _answers_pretrained(*_pretrained(args), args, rng)
-    for path, answer in zip(args.images, answers):
-        print(f"{path}: {answer}")
+    if args.from_pretrained:
+        answers = _answers_pretrained(*_pretrained(args), args, rng)
+        for path, answer in zip(args.images, answers):
+            print(f"{path}: {answer}")
+        return 0
+    return _ask_blip2(args)
+
+
+def _ask_blip2(args) -> int:
+    """Zero-shot answers of a minblip BLIP-2 checkpoint: the most likely answer
+    word and the two runners-up."""
+    from .blip2_checkpoint import describe, is_blip2_checkpoint, load_blip2
+    from .evaluate_blip2 import answer_questions
+    if not is_blip2_checkpoint(args.checkpoint):
+        raise ValueError(f"{args.checkpoint}: 'ask' needs a BLIP-2 checkpoint (the "
+                         f"blip2_opt.npz or blip2_t5.npz that 'python -m minblip blip2' writes); "
+                         f"this one holds a BLIP")
+    model, tok, info = load_blip2(args.checkpoint)
+    unknown = sorted({w for w in tok.tokenize(args.question) if tok.token_to_id(w) == tok.unk_id})
+    if unknown:
+        print(f"note: {', '.join(unknown)} not in the model's vocabulary (read as [UNK]); "
+              f"it knows the words of the built-in world's captions and questions",
+              file=sys.stderr)
+    pixels = _load_images(args.images, model.image_size)
+    answers = answer_questions(model, tok, pixels, [args.question] * len(args.images), top=3)
+    print(f"{describe(info['config'])}; zero-shot: the question follows the image's soft "
+          f"prompt as 'question ... answer'")
+    for path, ranked in zip(args.images, answers):
+        others = ", ".join(f"{w} {p:.2f}" for w, p in ranked[1:])
+        print(f"{path}: {ranked[0][0]}  (p {ranked[0][1]:.2f}; then {others})")
     return 0
 
 
@@ -380,15 +420,30 @@ def cmd_blip2(args) -> int:
     from .blip2_pipeline import Blip2RunConfig, format_blip2_table, run_blip2
     cfg = Blip2RunConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                          batch_size=args.batch_size, vision_steps=args.vision_steps,
-                         stage1_steps=args.stage1_steps, lm_steps=args.lm_steps,
-                         stage2_steps=args.stage2_steps, stage2_init=args.stage2_init)
+                         stage1_steps=args.stage1_steps, num_queries=args.num_queries,
+                         lm_steps=args.lm_steps, stage2_steps=args.stage2_steps,
+                         stage2_init=args.stage2_init, language_models=args.language_models)
     out = Path(args.out)
-    print(f"minblip BLIP-2: a frozen ViT, stage 1, a frozen language model and stage 2 on "
-          f"{cfg.n_train} generated images; report in {out}/")
-    metrics = run_blip2(out, cfg, vision_checkpoint=args.vision_checkpoint,
+    if args.ablation:
+        from .blip2_experiment import AblationConfig, format_ablation_tables, run_ablation
+        ablation = AblationConfig(run=cfg, seeds=tuple(args.seeds))
+        print(f"minblip BLIP-2 ablations: seeds {list(ablation.seeds)}, {args.jobs} "
+              f"process(es); report in {out}/")
+        summary = run_ablation(out, ablation, vision_checkpoint=args.vision_checkpoint,
+                               jobs=args.jobs, log=print)
+        print("\n" + format_ablation_tables(summary))
+        print(f"\nwrote {out}/metrics.json, tables.md and plots")
+        return 0
+    print(f"minblip BLIP-2: a frozen ViT, stage 1, frozen language models "
+          f"({', '.join(cfg.language_models)}) and stage 2 on {cfg.n_train} generated images, "
+          f"{args.jobs} process(es); report in {out}/")
+    metrics = run_blip2(out, cfg, vision_checkpoint=args.vision_checkpoint, jobs=args.jobs,
                         progress=not args.quiet, log=print)
     print("\n" + format_blip2_table(metrics))
-    print(f"\nwrote {out}/metrics.json, captions.jsonl, answers.jsonl and plots")
+    kinds = ", ".join(f"blip2_{k}.npz" for k in cfg.language_models)
+    print(f"\nwrote {out}/metrics.json, {kinds}, captions and answers (.jsonl) and plots; "
+          f"try: python -m minblip ask IMAGE \"what colour is the circle\" --checkpoint "
+          f"{out}/blip2_{cfg.language_models[0]}.npz")
     return 0
 
 
@@ -457,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when one is given, as Hugging Face's decode prints it.")
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a minblip checkpoint.npz")
+    source.add_argument("--checkpoint", help="a minblip checkpoint: a BLIP's checkpoint.npz, or "
+                                             "a BLIP-2's blip2_opt.npz / blip2_t5.npz")
     _pretrained_option(source, "a BlipForConditionalGeneration or a BLIP-2 (OPT)",
                        "Salesforce/blip-image-captioning-base")
     _download_option(p)
@@ -478,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (any format pillow reads)")
     p.add_argument("question", help="the question, e.g. \"what is the woman wearing?\"")
     source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a BLIP-2 checkpoint from 'python -m minblip "
+                                             "blip2' (blip2_opt.npz or blip2_t5.npz): the "
+                                             "image's soft prompt, then 'question <QUESTION> "
+                                             "answer', and the frozen language model's most "
+                                             "likely next word; prints it and the two runners-up")
     _pretrained_option(source, "a BlipForQuestionAnswering or a BLIP-2 (OPT)",
                        "Salesforce/blip-vqa-base")
     _download_option(p)
@@ -535,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_capfilt)
 
-    from .blip2_pipeline import STAGE2_INITS, Blip2RunConfig
+    from .blip2_pipeline import LANGUAGE_MODELS, STAGE2_INITS, Blip2RunConfig
     b = Blip2RunConfig()
     p = sub.add_parser("blip2", help="BLIP-2 on the built-in world: frozen ViT, stage 1, "
                                      "frozen LM, stage 2, zero-shot questions",
@@ -562,13 +623,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "--vision-checkpoint is given (default %(default)s)")
     p.add_argument("--stage1-steps", type=int, default=b.stage1_steps,
                    help="stage-1 steps (default %(default)s)")
+    p.add_argument("--num-queries", type=int, default=b.num_queries,
+                   help="learned queries of the Q-Former (default %(default)s)")
+    p.add_argument("--language-models", nargs="+", default=list(b.language_models),
+                   choices=LANGUAGE_MODELS,
+                   help="the frozen language models, one stage 2 each: opt (decoder-only) "
+                        "and/or t5 (encoder-decoder) (default: %(default)s)")
     p.add_argument("--lm-steps", type=int, default=b.lm_steps,
-                   help="pretraining steps of the language model (default %(default)s)")
+                   help="pretraining steps of each language model (default %(default)s)")
     p.add_argument("--stage2-steps", type=int, default=b.stage2_steps,
                    help="stage-2 steps (default %(default)s)")
     p.add_argument("--stage2-init", default=b.stage2_init, choices=STAGE2_INITS,
-                   help="start stage 2 from the stage-1 Q-Former (BLIP-2's recipe) or a "
-                        "fresh one (default %(default)s)")
+                   help="start stage 2 from the stage-1 Q-Former (BLIP-2's recipe), a fresh "
+                        "one, or stage 1 with the language model trained too (default "
+                        "%(default)s)")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="processes: 2 pretrains the language models and runs one stage 2 in a "
+                        "worker (the most one run uses); --ablation runs its trainings in "
+                        "this many workers; the numbers are the same (default %(default)s)")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of one run, the paper's three ablations over --seeds: stage 2 "
+                        "from stage 1 / fresh / unfrozen, stage 1 with and without ITG, 1-32 "
+                        "queries (see docs/blip2_results.md)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of --ablation (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_blip2)
     return parser

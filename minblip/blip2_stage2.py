@@ -1,7 +1,8 @@
 """BLIP-2 stage 2: the Q-Former talks to a frozen language model through soft prompts.
 
-Mirrors salesforce/LAVIS ``lavis/models/blip2_models/blip2_opt.py`` ``Blip2OPT``
-(the decoder-only variant; section 3.3 of the BLIP-2 paper):
+Section 3.3 of the BLIP-2 paper has two designs, both here. The decoder-only one
+mirrors salesforce/LAVIS ``lavis/models/blip2_models/blip2_opt.py`` ``Blip2OPT``
+(:func:`stage2_step`):
 
     image_embeds = ln_vision(ViT(image))                       (B, S, Dv)   ViT frozen
     queries      = QFormer(query_tokens, image_embeds)         (B, Q, Dq)   query path only
@@ -30,6 +31,18 @@ augmented, ours are not).
 
 minblip's language model (``minblip.lm``) uses ``[CLS]`` as BOS and ``[SEP]``
 as EOS where OPT uses ``</s>`` and "\\n".
+
+The encoder-decoder one mirrors ``blip2_t5.py`` ``Blip2T5.forward``
+(:func:`stage2_prefix_step`), with the T5-style model of :mod:`minblip.t5`
+trained by the *prefix* language-modelling loss:
+
+    encoder input = [prompt | shared(prefix ids)]     (B, Q+S, Dlm)   bidirectional
+    loss          = CE(decoder(suffix shifted right, memory), suffix), padding -100
+
+The soft prompt is built the same way for both; only the language model and
+the loss differ. (LAVIS's released code takes the prefix and suffix as given,
+``text_input`` and ``text_output``; the split point is the caller's, see
+``minblip.questions.prefix_split``.)
 """
 from __future__ import annotations
 
@@ -44,7 +57,10 @@ from .layers import LayerNorm, Linear
 from .lm import LanguageModel
 from .objectives import NextTokenLoss, causal_lm_targets, check_prompt_length
 from .qformer import QFormer, QFormerConfig
+from .t5 import EncoderDecoderLM, seq2seq_step
 from .vit import VisionTransformer
+
+LANGUAGE_MODELS = (LanguageModel, EncoderDecoderLM)
 
 
 def strip_text_parts(qformer: QFormer) -> QFormer:
@@ -62,7 +78,8 @@ def strip_text_parts(qformer: QFormer) -> QFormer:
 
 class Blip2Stage2(Module):
     """Frozen ViT -> trainable ``ln_vision`` -> trainable Q-Former (queries) ->
-    trainable ``language_projection`` -> frozen ``LanguageModel``.
+    trainable ``language_projection`` -> frozen language model: a decoder-only
+    ``LanguageModel`` (OPT) or an ``EncoderDecoderLM`` (FlanT5).
 
     ``params()`` (and so any optimiser built from the model) lists exactly the
     trainable Params; ``parameter_counts()`` compares them with the whole.
@@ -73,12 +90,13 @@ class Blip2Stage2(Module):
     """
 
     def __init__(self, visual_encoder, ln_vision: LayerNorm, qformer: QFormer,
-                 language_model: LanguageModel, rng: np.random.Generator):
+                 language_model, rng: np.random.Generator):
         for name, value, cls in (("visual_encoder", visual_encoder, VisionTransformer),
                                  ("ln_vision", ln_vision, LayerNorm), ("qformer", qformer, QFormer),
-                                 ("language_model", language_model, LanguageModel)):
+                                 ("language_model", language_model, LANGUAGE_MODELS)):
             if not isinstance(value, cls):
-                raise TypeError(f"Blip2Stage2: {name} must be a {cls.__name__}, "
+                expected = " or ".join(c.__name__ for c in np.atleast_1d(cls))
+                raise TypeError(f"Blip2Stage2: {name} must be a {expected}, "
                                 f"got {type(value).__name__}")
         vit_width = visual_encoder.config.width
         if ln_vision.dim != vit_width or qformer.cfg.encoder_width != vit_width:
@@ -89,7 +107,7 @@ class Blip2Stage2(Module):
         self.ln_vision = ln_vision
         self.qformer = strip_text_parts(qformer)
         d_in, d_out = qformer.cfg.width, language_model.cfg.token_width
-        # blip2_opt.py: opt_proj = nn.Linear(768, d_llm) with PyTorch's default init,
+        # opt_proj / t5_proj = nn.Linear(768, d_llm) with PyTorch's default init,
         # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
         self.language_projection = Linear(d_in, d_out, rng)
         bound = 1.0 / math.sqrt(d_in)
@@ -98,8 +116,7 @@ class Blip2Stage2(Module):
         self.language_model = language_model.freeze()
 
     @classmethod
-    def from_stage1(cls, stage1, language_model: LanguageModel,
-                    rng: np.random.Generator) -> "Blip2Stage2":
+    def from_stage1(cls, stage1, language_model, rng: np.random.Generator) -> "Blip2Stage2":
         """Start from a trained stage-1 model (``pretrain_stage2.yaml: pretrained:
         blip2_pretrained.pth``): its ViT (frozen, so it can be shared) and copies
         of its ``ln_vision`` and Q-Former (so stage 2 does not change stage 1)."""
@@ -119,6 +136,11 @@ class Blip2Stage2(Module):
     def num_queries(self) -> int:
         return self.qformer.cfg.num_queries
 
+    @property
+    def encoder_decoder(self) -> bool:
+        """True for the FlanT5 design (an ``EncoderDecoderLM``), False for OPT's."""
+        return isinstance(self.language_model, EncoderDecoderLM)
+
     # ---- inference helpers (no caches kept, evaluation mode) --------------------------
     def image_features(self, images, batch_size: int = 128):
         """The frozen ViT's output (B, S, Dv) for images (B, 3, H, W), in batches,
@@ -136,14 +158,13 @@ class Blip2Stage2(Module):
             raise ValueError("soft_prompt: give images or image_embeds (one of them)")
         if image_embeds is None:
             image_embeds = self.image_features(images)
-        x, _ = self.ln_vision.forward(image_embeds)
-        q, _ = self.qformer.forward(image_embeds=x, mode="queries")
-        return self.language_projection.forward(q)[0]
+        return soft_prompt_forward(self, image_embeds=image_embeds)[0]  # evaluation: no rng
 
 
-def build_stage2(language_model: LanguageModel, rng: np.random.Generator, *, stage1=None,
+def build_stage2(language_model, rng: np.random.Generator, *, stage1=None,
                  visual_encoder=None, qformer_cfg: QFormerConfig | None = None) -> Blip2Stage2:
-    """The stage-2 model, initialised the way the material at hand allows:
+    """The stage-2 model around ``language_model`` (a ``LanguageModel`` or an
+    ``EncoderDecoderLM``), initialised the way the material at hand allows:
 
     * ``stage1`` given: BLIP-2's recipe, :meth:`Blip2Stage2.from_stage1` (its
       frozen ViT, copies of its ``ln_vision`` and Q-Former);
@@ -175,10 +196,51 @@ def build_stage2(language_model: LanguageModel, rng: np.random.Generator, *, sta
 @dataclass
 class Stage2Result:
     loss: float
-    logits: np.ndarray        # (B, Q+T, V)
-    targets: np.ndarray       # (B, Q+T), -100 where nothing is predicted
     soft_prompt: np.ndarray   # (B, Q, D_lm)
     d_soft_prompt: np.ndarray | None = None   # gradient of the loss w.r.t. the soft prompt
+    logits: np.ndarray | None = None    # (B, Q+T, V) of the decoder-only LM
+    targets: np.ndarray | None = None   # (B, Q+T), -100 where nothing is predicted
+
+
+def _check_inputs(images, image_embeds, pairs, what: str) -> int:
+    """Exactly one of images (B, 3, H, W) / image_embeds (B, S, Dv), float, and
+    integer (ids, mask)-like arrays of shape (B, T) each. Returns B."""
+    if (images is None) == (image_embeds is None):
+        raise ValueError(f"{what}: give images or image_embeds (one of them)")
+    given, name = (images, "images") if image_embeds is None else (image_embeds, "image_embeds")
+    check_finite(check_float(given, name), name)
+    n_images = (images if image_embeds is None else image_embeds).shape[0]
+    for (name_a, a), (name_b, b) in pairs:
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"{what}: expected integer token ids ({name_a}), got dtype {a.dtype}")
+        if a.ndim != 2 or b.shape != a.shape:
+            raise ValueError(f"{what}: expected {name_a} and {name_b} of the same shape (B, T), "
+                             f"got {name_a} {a.shape} and {name_b} {b.shape}")
+        if a.shape[0] != n_images:
+            raise ValueError(f"{what}: {a.shape[0]} texts for {n_images} images")
+    return n_images
+
+
+def soft_prompt_forward(model: Blip2Stage2, images=None, image_embeds=None, rng=None):
+    """The soft prompt (B, Q, D_lm) both designs feed their language model, and the
+    cache of its trainable path: frozen ViT (never differentiated) -> ``ln_vision``
+    -> Q-Former queries -> ``language_projection``. ``rng`` drives dropout."""
+    if image_embeds is None:  # frozen, and its input is pixels: no cache, no backward
+        image_embeds = model.visual_encoder.forward(images.astype(model.dtype, copy=False))[0]
+    x, c_ln = model.ln_vision.forward(image_embeds)                        # (B, S, Dv)
+    q, c_q = model.qformer.forward(image_embeds=x, mode="queries", rng=rng)  # (B, Q, Dq)
+    prompt, c_proj = model.language_projection.forward(q)                  # -> (B, Q, Dlm)
+    return prompt, (c_ln, c_q, c_proj)
+
+
+def soft_prompt_backward(model: Blip2Stage2, d_prompt, cache) -> None:
+    """Undoes :func:`soft_prompt_forward` from d prompt (B, Q, D_lm), adding into the
+    projection, the Q-Former and ``ln_vision``; the ViT below is frozen and its
+    input is pixels, so the gradient stops at ``ln_vision``."""
+    c_ln, c_q, c_proj = cache
+    dq = model.language_projection.backward(d_prompt, c_proj)  # undoes prompt = q W + b
+    dx = model.qformer.backward(dq, c_q)  # into the queries, query_tokens summed over B
+    model.ln_vision.backward(dx, c_ln)
 
 
 def stage2_step(model: Blip2Stage2, images, ids, mask, *, image_embeds=None,
@@ -193,42 +255,64 @@ def stage2_step(model: Blip2Stage2, images, ids, mask, *, image_embeds=None,
     leading text tokens (BOS included, as LAVIS counts them) are not predicted.
     ``rng`` drives the Q-Former's dropout. The caller zeroes the gradients first.
     """
-    if (images is None) == (image_embeds is None):
-        raise ValueError("stage2_step: give images or image_embeds (one of them)")
-    given, name = (images, "images") if image_embeds is None else (image_embeds, "image_embeds")
-    check_finite(check_float(given, name), name)
+    if model.encoder_decoder:
+        raise TypeError("stage2_step is the decoder-only (OPT) loss; this model's language "
+                        "model is an EncoderDecoderLM: use stage2_prefix_step")
     ids, mask = np.asarray(ids), np.asarray(mask)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"stage2_step: expected integer token ids, got dtype {ids.dtype}")
-    if ids.ndim != 2 or mask.shape != ids.shape:
-        raise ValueError(f"stage2_step: expected ids and mask of the same shape (B, T), got "
-                         f"ids {ids.shape} and mask {mask.shape}")
-    n_images = (images if image_embeds is None else image_embeds).shape[0]
-    if ids.shape[0] != n_images:
-        raise ValueError(f"stage2_step: {ids.shape[0]} texts for {n_images} images")
+    _check_inputs(images, image_embeds, [(("ids", ids), ("mask", mask))], "stage2_step")
     check_prompt_length(prompt_length, ids.shape[1], "stage2_step")
     lm = model.language_model
-    Q = model.num_queries
 
     # ---------------- forward ----------------
-    if image_embeds is None:  # frozen, and its input is pixels: no cache, no backward
-        image_embeds = model.visual_encoder.forward(images.astype(model.dtype, copy=False))[0]
-    x, c_ln = model.ln_vision.forward(image_embeds)                        # (B, S, Dv)
-    q, c_q = model.qformer.forward(image_embeds=x, mode="queries", rng=rng)  # (B, Q, Dq)
-    prompt, c_proj = model.language_projection.forward(q)                  # -> (B, Q, Dlm)
+    prompt, c_prompt = soft_prompt_forward(model, images, image_embeds, rng)  # (B, Q, Dlm)
     logits, c_lm = lm.forward(ids, mask, prefix_embeds=prompt)             # (B, Q+T, V), frozen
-    targets = causal_lm_targets(ids, mask, Q, prompt_length)               # -100 on the prompt
+    targets = causal_lm_targets(ids, mask, model.num_queries, prompt_length)  # -100 on the prompt
     next_token = NextTokenLoss()  # OPT's loss: plain cross-entropy, no label smoothing
     loss, c_loss = next_token.forward(logits, targets)
-    result = Stage2Result(loss, logits, targets, prompt)
+    result = Stage2Result(loss, prompt, logits=logits, targets=targets)
     if not backward:
         return result
 
     # ---------------- backward (the forward read bottom-up) ----------------
     dlogits = next_token.backward(1.0, c_loss)  # (B, Q+T, V); the last position predicts nothing
     _, d_prompt = lm.backward(dlogits, c_lm)  # through the frozen LM: d prompt, no weight grad
-    dq = model.language_projection.backward(d_prompt, c_proj)  # undoes prompt = q W + b
-    dx = model.qformer.backward(dq, c_q)  # into the queries, query_tokens summed over B
-    model.ln_vision.backward(dx, c_ln)  # the ViT below is frozen and its input is pixels: stop
+    soft_prompt_backward(model, d_prompt, c_prompt)  # projection, Q-Former, ln_vision
     result.d_soft_prompt = d_prompt
+    return result
+
+
+def stage2_prefix_step(model: Blip2Stage2, images, prefix_ids, prefix_mask, labels, *,
+                       image_embeds=None, rng: np.random.Generator | None = None,
+                       backward: bool = True) -> Stage2Result:
+    """Blip2T5.forward (``blip2_t5.py``): the prefix language-modelling loss of the
+    encoder-decoder design; forward, then (if ``backward``) the mirrored backward
+    into the trainable Params only.
+
+    images (B, 3, H, W) float, or ``image_embeds`` (B, S, Dv) computed beforehand;
+    prefix_ids (B, S) "words [SEP] [PAD].." the text's first part, which joins
+    the soft prompt in the encoder (T5 appends ``</s>`` to it); prefix_mask
+    (B, S) 0/1; labels (B, T) "words [SEP]" the rest, -100 at padding: the
+    decoder's targets. ``rng`` drives the Q-Former's dropout.
+    """
+    if not model.encoder_decoder:
+        raise TypeError("stage2_prefix_step is the encoder-decoder (FlanT5) loss; this model's "
+                        "language model is decoder-only: use stage2_step")
+    prefix_ids, prefix_mask, labels = (np.asarray(a) for a in (prefix_ids, prefix_mask, labels))
+    _check_inputs(images, image_embeds, [(("prefix_ids", prefix_ids), ("prefix_mask",
+                                                                       prefix_mask))],
+                  "stage2_prefix_step")
+    if labels.ndim != 2 or labels.shape[0] != prefix_ids.shape[0]:
+        raise ValueError(f"stage2_prefix_step: expected labels (B={prefix_ids.shape[0]}, T), "
+                         f"got shape {labels.shape}")
+
+    # ---------------- forward, then the mirrored backward ----------------
+    prompt, c_prompt = soft_prompt_forward(model, images, image_embeds, rng)  # (B, Q, Dlm)
+    # encoder [prompt | prefix], decoder the suffix shifted right; through the frozen LM
+    # seq2seq_step returns d prompt (its backward ran if asked, adding into no frozen Param)
+    loss, d_prompt = seq2seq_step(model.language_model, prefix_ids, prefix_mask, labels,
+                                  prefix_embeds=prompt, backward=backward)
+    result = Stage2Result(loss, prompt)
+    if backward:
+        soft_prompt_backward(model, d_prompt, c_prompt)  # projection, Q-Former, ln_vision
+        result.d_soft_prompt = d_prompt
     return result

@@ -6,12 +6,19 @@ language model, stage-2 captions and zero-shot questions.
   and optionally re-ranks each query's ``k_test`` best candidates by ITM;
   captions come from the ITG head, starting from [DEC] (``Blip2Qformer.generate``).
 * The language model writes text after an optional soft prompt
-  (:func:`generate_text`) and scores the word that follows a prompt
-  (:func:`next_token_logits`).
-* Stage 2 (``blip2_opt.py`` ``Blip2OPT.generate``): captions written by the
-  frozen LM after the image's soft prompt, scored per attribute against the
-  scene; instructed zero-shot answers to questions stage 2 never trained on,
-  next to the same LM without the image and chance.
+  (:func:`generate_text`) and scores the word that answers a prompt
+  (:func:`answer_logits`; :func:`next_token_logits` for the decoder-only LM).
+* Stage 2 (``blip2_opt.py`` ``Blip2OPT.generate``, ``blip2_t5.py``
+  ``Blip2T5.generate``): captions written by the frozen LM after the image's
+  soft prompt, scored per attribute against the scene; instructed zero-shot
+  answers to questions stage 2 never trained on, next to the same LM without
+  the image and chance.
+
+Both language-model designs are served by the same functions: the decoder-only
+LM continues ``[CLS] prompt`` after the soft prompt; the encoder-decoder LM
+reads ``[soft prompt | prompt [SEP]]`` in its encoder and its decoder writes
+from the start token (for the empty captioning prompt the encoder's text is
+``[SEP]`` alone, as T5's tokenizer turns "" into ``</s>``).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from .evaluate import caption_metrics, recall_at_k, rerank_with_itm
 from .generation import generate
 from .image import preprocess
 from .lm import LanguageModel, SoftPromptDecoder
-from .questions import QUESTION_KINDS, answer_choices, qa_text, scene_questions
+from .questions import QUESTION_KINDS, answer_choices, encode_seq2seq, qa_text, scene_questions
+from .t5 import EncoderDecoderCaptioner, EncoderDecoderLM
 from .tokenizer import Tokenizer, prompt_ids
 
 
@@ -103,16 +111,21 @@ def stage1_captions(model: Blip2Stage1, tokenizer: Tokenizer, *, images=None,
 # Text from the language model
 # ---------------------------------------------------------------------------------------
 
-def generate_text(lm: LanguageModel, tokenizer: Tokenizer, prefix_embeds=None, prompt: str = "",
+def generate_text(lm, tokenizer: Tokenizer, prefix_embeds=None, prompt: str = "",
                   batch_size: int | None = None, method: str = "greedy", max_length: int = 20,
                   min_length: int = 1, num_beams: int = 5, top_p: float = 0.9,
                   repetition_penalty: float = 1.0, suppress_words=(), rng=None) -> list[str]:
-    """Continue ``[CLS] prompt`` after an optional soft prompt (B, P, D), one text per
-    row, until ``[SEP]`` or ``max_length`` tokens (counting BOS and the prompt).
+    """Text from the LM after an optional soft prompt (B, P, D), one text per row,
+    until ``[SEP]`` or ``max_length`` tokens.
+
+    Decoder-only LM: continues ``[CLS] prompt``; ``max_length`` counts BOS and the
+    prompt. Encoder-decoder LM: the encoder reads ``[soft prompt | prompt [SEP]]``
+    and the decoder writes from its start token, which ``max_length`` counts
+    (``Blip2T5.generate`` passes its length as ``max_new_tokens``).
     Words in ``suppress_words`` are never generated (HF ``suppress_tokens``).
 
     Uses ``minblip.generation.generate`` (greedy, beam or nucleus, HF logit
-    processors, cached keys and values). BLIP-2 OPT defaults: beam search with
+    processors, cached keys and values). BLIP-2 defaults: beam search with
     5 beams, min_length 1, repetition penalty 1.0. Returns the generated words
     without the prompt. Without a prefix, ``batch_size`` texts are generated
     (default 1).
@@ -134,12 +147,38 @@ def generate_text(lm: LanguageModel, tokenizer: Tokenizer, prefix_embeds=None, p
     if unknown:
         raise ValueError(f"suppress_words: {unknown} are not in the vocabulary")
     suppress = [tokenizer.token_to_id(w) for w in suppress_words]
-    out = generate(SoftPromptDecoder(lm, suppress), prefix_embeds,
-                   prompt_ids(tokenizer, prompt), sep_id=tokenizer.sep_id,
+    if isinstance(lm, EncoderDecoderLM):
+        enc_ids, _, _ = encode_seq2seq(tokenizer, [prompt] * len(prefix_embeds),
+                                       max_length=lm.cfg.max_positions)
+        memory, _, _ = lm.encode(enc_ids, prefix_embeds=prefix_embeds if prefix_embeds.shape[1]
+                                 else None)  # the same prompt in every row: no padding
+        decoder, source, start_ids = (EncoderDecoderCaptioner(lm, suppress), memory,
+                                      np.array([lm.cfg.pad_id]))  # T5's decoder start
+    else:
+        decoder, source, start_ids = (SoftPromptDecoder(lm, suppress), prefix_embeds,
+                                      prompt_ids(tokenizer, prompt))
+    out = generate(decoder, source, start_ids, sep_id=tokenizer.sep_id,
                    method=method, max_length=max_length, min_length=min_length,
                    num_beams=num_beams, top_p=top_p, repetition_penalty=repetition_penalty,
                    rng=rng)
     return [tokenizer.decode(t) for t in out.tokens]
+
+
+def answer_logits(lm, tokenizer: Tokenizer, prompts, prefix_embeds=None):
+    """Logits (B, V) of the first word of the answer to each prompt (one per row)
+    after an optional soft prompt (B, P, D): for the decoder-only LM the token after
+    ``[CLS] prompt`` (:func:`next_token_logits`); for the encoder-decoder LM the
+    decoder's first token, the encoder having read ``[soft prompt | prompt [SEP]]``
+    (padded rows: each attends to its own text only)."""
+    if not isinstance(lm, EncoderDecoderLM):
+        return next_token_logits(lm, tokenizer, prompts, prefix_embeds)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    enc_ids, enc_mask, _ = encode_seq2seq(tokenizer, list(prompts),
+                                          max_length=lm.cfg.max_positions)
+    start = np.full((len(enc_ids), 1), lm.cfg.pad_id)  # T5's decoder start token
+    logits, _ = lm.forward(enc_ids, enc_mask, start, prefix_embeds=prefix_embeds)
+    return logits[:, 0]
 
 
 def next_token_logits(lm: LanguageModel, tokenizer: Tokenizer, prompts, prefix_embeds=None):
@@ -173,8 +212,9 @@ def stage2_captions(model: Blip2Stage2, tokenizer: Tokenizer, images=None, *, im
                     suppress_words=(), rng: np.random.Generator | None = None,
                     batch_size: int = 64) -> list[str]:
     """One caption per image, written by the frozen LM after the image's soft prompt
-    (``Blip2OPT.generate``: beam search with 5 beams, min_length 1 by default).
-    ``max_length`` counts BOS and the prompt; the prompt is not returned."""
+    (``Blip2OPT.generate`` / ``Blip2T5.generate``: beam search with 5 beams,
+    min_length 1 by default); see :func:`generate_text` for ``prompt`` and
+    ``max_length``. The prompt is not returned."""
     if (images is None) == (image_embeds is None):
         raise ValueError("stage2_captions: give images or image_embeds (one of them)")
     if image_embeds is None:
@@ -217,10 +257,11 @@ def qa_items(split: world.Split, seed: int = 0, kinds=QUESTION_KINDS) -> list[di
 
 def zero_shot_qa(model: Blip2Stage2, tokenizer: Tokenizer, split: world.Split, seed: int = 0,
                  kinds=QUESTION_KINDS) -> dict:
-    """Instructed zero-shot answers: the soft prompt of the image, then
-    "[CLS] question <question> answer", and the LM's most likely next word
-    (over the whole vocabulary) is compared with the truth. Stage 2 never saw a
-    question: only the LM did, as text, during its pretraining.
+    """Instructed zero-shot answers: the soft prompt of the image, then the prompt
+    "question <question> answer", and the LM's most likely first word of the
+    answer (over the whole vocabulary, :func:`answer_logits`) is compared with the
+    truth. Stage 2 never saw a question: only the LM did, as text, during its
+    pretraining.
 
     Also measured: the same prompts with no image at all ("blind": what the LM
     guesses from the question alone) and chance (one over the number of
@@ -235,8 +276,8 @@ def zero_shot_qa(model: Blip2Stage2, tokenizer: Tokenizer, split: world.Split, s
     images = np.array([it["image"] for it in items])
     prompts = [qa_text(it["question"]) for it in items]
     prefix = model.soft_prompt(image_embeds=features[images])
-    seen = next_token_logits(lm, tokenizer, prompts, prefix).argmax(axis=1)
-    blind = next_token_logits(lm, tokenizer, prompts).argmax(axis=1)
+    seen = answer_logits(lm, tokenizer, prompts, prefix).argmax(axis=1)
+    blind = answer_logits(lm, tokenizer, prompts).argmax(axis=1)
     for it, s, b in zip(items, seen, blind):
         it["prediction"] = tokenizer.id_to_token(int(s))
         it["blind_prediction"] = tokenizer.id_to_token(int(b))
@@ -259,3 +300,26 @@ def zero_shot_qa(model: Blip2Stage2, tokenizer: Tokenizer, split: world.Split, s
                       "chance": float(np.mean([out[it["kind"]]["chance"] for it in items]))}
     out["items"] = items
     return out
+
+
+def answer_questions(model: Blip2Stage2, tokenizer: Tokenizer, images, questions,
+                     top: int = 3) -> list[list[tuple[str, float]]]:
+    """Instructed zero-shot answers, as the command line's ``ask`` gives them: for
+    image b (images (B, 3, H, W), preprocessed) and question b, the ``top`` most
+    likely first words of the answer after the image's soft prompt and the prompt
+    "question <question> answer", each with its probability. The first is the
+    answer :func:`zero_shot_qa` scores (every answer of the world is one word)."""
+    if isinstance(questions, str):
+        questions = [questions]
+    if len(questions) != len(images):
+        raise ValueError(f"answer_questions: {len(images)} images but {len(questions)} "
+                         f"questions")
+    prefix = model.soft_prompt(images=images)
+    logits = answer_logits(model.language_model, tokenizer,
+                           [qa_text(tokenizer.clean(q)) for q in questions], prefix)
+    logits = logits.astype(np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    best = np.argsort(-p, axis=1)[:, :top]
+    return [[(tokenizer.id_to_token(int(i)), float(row[i])) for i in order]
+            for row, order in zip(p, best)]

@@ -1,4 +1,4 @@
-"""The basic layers: Linear, Embedding, LayerNorm, GELU, ReLU and Dropout.
+"""The basic layers: Linear, Embedding, LayerNorm, RMSNorm, GELU, ReLU and Dropout.
 
 Every layer follows the contract of :mod:`minblip.core`: ``forward`` returns
 ``(out, cache)`` and keeps nothing on ``self``; ``backward(dout, cache)``
@@ -125,6 +125,35 @@ class LayerNorm(Module):
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         return rstd * (dxhat - row_mean(dxhat) - xhat * row_mean(dxhat * xhat))
         ### END SOLUTION
+
+
+class RMSNorm(Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis: T5's layer norm
+    (Hugging Face ``T5LayerNorm``), which neither subtracts the mean nor adds a
+    bias. T5 uses eps 1e-6 and starts ``weight`` at 1.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.dim, self.eps = dim, eps
+        self.weight = Param(np.ones(dim))
+
+    def forward(self, x):
+        """x: (..., dim) -> y: (..., dim)."""
+        check_float(x, "RMSNorm input")
+        check_last_dim(x, self.dim, "RMSNorm input")
+        rstd = 1.0 / np.sqrt(row_mean(x * x) + self.eps)  # (..., 1)
+        xhat = x * rstd  # (..., dim), unit root-mean-square
+        return xhat * self.weight.data, (xhat, rstd)
+
+    def backward(self, dy, cache):
+        """dy (..., dim) -> dx (..., dim); adds into weight.grad."""
+        xhat, rstd = cache
+        if self.weight.trainable:  # undoes * weight (broadcast over every row)
+            self.weight.grad += np.sum(dy * xhat, axis=tuple(range(dy.ndim - 1)))
+        dxhat = dy * self.weight.data
+        # undoes xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2) depending on the whole row:
+        # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)); LayerNorm's formula without the mean
+        return rstd * (dxhat - xhat * row_mean(dxhat * xhat))
 
 
 # ---------------------------------------------------------------------------

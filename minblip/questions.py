@@ -13,7 +13,13 @@ the same skills from text about the built-in world:
 * :func:`encode_documents`: documents packed into token ids, ``[CLS] segment
   [SEP]`` after one another, as LLM pretraining packs text;
 * :func:`build_lm_tokenizer`: the world's caption words plus the words of the
-  questions.
+  questions;
+* for the encoder-decoder LM (:mod:`minblip.t5`): :func:`seq2seq_pair` splits a
+  document into what the encoder reads and what the decoder writes,
+  :func:`seq2seq_corpus` writes a corpus of such pairs, :func:`prefix_split`
+  cuts a caption for BLIP-2's prefix language-modelling loss and
+  :func:`encode_seq2seq` turns pairs into ids and labels (T5's layout: no BOS,
+  every text closed by ``[SEP]``, T5's ``</s>``).
 """
 from __future__ import annotations
 
@@ -194,3 +200,87 @@ def lm_corpus(n: int, rng: np.random.Generator, kinds=TEXT_KINDS, kind_weights=N
     drawn = rng.choice(len(kinds), size=n, p=p)
     return [lm_text(scene, kinds[k], rng) for scene, k in zip(random_scenes(n, rng, max_objects),
                                                               drawn)]
+
+
+# ---------------------------------------------------------------------------------------
+# Text for the encoder-decoder language model
+# ---------------------------------------------------------------------------------------
+
+def prefix_split(text: str, rng: np.random.Generator, min_prefix: int = 1) -> tuple[str, str]:
+    """Cut ``text`` into (prefix, suffix) for BLIP-2's prefix language-modelling
+    loss: the prefix is the first k words, k drawn uniformly from ``min_prefix`` to
+    the midpoint (half the words, rounded down). The released LAVIS code takes the
+    two parts as given; the split point is the author's description (LAVIS issue
+    #139: "from position 1 to the midpoint"), so ``min_prefix=1`` follows it and
+    ``min_prefix=0`` also allows the empty prefix of zero-shot captioning."""
+    words = text.split()
+    top = max(len(words) // 2, min_prefix)
+    k = int(rng.integers(min_prefix, top + 1))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def seq2seq_pair(segments, rng: np.random.Generator, min_prefix: int = 0
+                 ) -> tuple[list[str], str]:
+    """A pretraining document (segments, :func:`lm_text`) -> (encoder segments,
+    decoder text): everything but the end of the last segment goes to the
+    encoder. A question-answer segment is cut before its answer (the last word);
+    any other is cut by :func:`prefix_split` (at least one word of prefix when
+    it is the only segment). The encoder-decoder LM so learns the same three
+    skills the decoder-only LM learns from the whole document: to write a
+    caption about a scene described before it, to continue one, and to answer."""
+    *context, last = segments
+    if last.startswith(QUESTION + " "):
+        head, answer = last.rsplit(" ", 1)
+        return context + [head], answer
+    prefix, suffix = prefix_split(last, rng, min_prefix if context else max(min_prefix, 1))
+    return context + [prefix], suffix
+
+
+def seq2seq_corpus(n: int, rng: np.random.Generator, kinds=TEXT_KINDS, kind_weights=None,
+                   max_objects: int = 2) -> list[tuple[list[str], str]]:
+    """n (encoder segments, decoder text) pairs: the documents of :func:`lm_corpus`
+    cut by :func:`seq2seq_pair`."""
+    return [seq2seq_pair(doc, rng) for doc in lm_corpus(n, rng, kinds, kind_weights,
+                                                        max_objects)]
+
+
+def encode_seq2seq(tokenizer: Tokenizer, encoder_texts, decoder_texts=None,
+                   max_length: int = 48):
+    """Pairs -> (enc_ids, enc_mask, labels), int64, in T5's layout.
+
+    ``encoder_texts``: N lists of segments (or N strings, one segment each); each
+    segment becomes ``words [SEP]`` (an empty one just ``[SEP]``, as T5's tokenizer
+    turns "" into ``</s>``), packed one after the other, right-padded with
+    ``[PAD]`` to the longest. ``decoder_texts``: N strings, each ``words [SEP]``,
+    padded with -100 (ignored by the loss), or None (no labels). A text longer
+    than ``max_length`` tokens raises ValueError."""
+    def rows(texts, what):
+        out = []
+        for n, segments in enumerate(texts):
+            segments = [segments] if isinstance(segments, str) else list(segments)
+            row = []
+            for segment in segments:  # no BOS: T5 closes a text with </s> only
+                row += [tokenizer.token_to_id(w) for w in tokenizer.tokenize(segment)]
+                row.append(tokenizer.sep_id)
+            if len(row) > max_length:
+                raise ValueError(f"encode_seq2seq: {what} {n} has {len(row)} tokens, more "
+                                 f"than max_length={max_length}: {segments!r}")
+            out.append(row)
+        return out
+
+    def pack(seqs, fill):
+        width = max(len(r) for r in seqs)
+        ids = np.full((len(seqs), width), fill, dtype=np.int64)
+        for n, r in enumerate(seqs):
+            ids[n, :len(r)] = r
+        return ids
+
+    enc = rows(encoder_texts, "encoder text")
+    enc_ids = pack(enc, tokenizer.pad_id)
+    enc_mask = pack([[1] * len(r) for r in enc], 0)
+    if decoder_texts is None:
+        return enc_ids, enc_mask, None
+    if len(decoder_texts) != len(enc):
+        raise ValueError(f"encode_seq2seq: {len(enc)} encoder texts but {len(decoder_texts)} "
+                         f"decoder texts")
+    return enc_ids, enc_mask, pack(rows(decoder_texts, "decoder text"), -100)

@@ -26,11 +26,13 @@ import numpy as np
 
 from . import world
 from .blip2_stage1 import Blip2Config, Blip2Stage1, stage1_step
-from .blip2_stage2 import Blip2Stage2, stage2_step
+from .blip2_stage2 import Blip2Stage2, stage2_prefix_step, stage2_step
 from .image import preprocess
 from .lm import LanguageModel, lm_step
 from .qformer import QFormerConfig
-from .questions import TEXT_KINDS, encode_documents, lm_corpus
+from .questions import (TEXT_KINDS, encode_documents, encode_seq2seq, lm_corpus, prefix_split,
+                        seq2seq_corpus)
+from .t5 import EncoderDecoderLM, seq2seq_step
 from .tokenizer import Tokenizer
 from .train import (TrainConfig, blip_trainer, build_tokenizer, check_run_fields,
                     config_from_dict, load_model)
@@ -143,10 +145,13 @@ class LMPretraining:
     generator writes the corpus, draws the batches and drives the dropout."""
 
     name = "LM pretraining"
+    model_type = LanguageModel
 
-    def __init__(self, lm: LanguageModel, tokenizer: Tokenizer,
-                 cfg: LMPretrainConfig | None = None):
+    def __init__(self, lm, tokenizer: Tokenizer, cfg: LMPretrainConfig | None = None):
         cfg = cfg or LMPretrainConfig()
+        if not isinstance(lm, self.model_type):
+            raise TypeError(f"{self.name}: expected a {self.model_type.__name__}, got "
+                            f"{type(lm).__name__}")
         if lm.frozen:
             raise ValueError("LM pretraining: the language model is frozen; call unfreeze() "
                              "first")
@@ -161,9 +166,14 @@ class LMPretraining:
                              f"max_positions={lm.cfg.max_positions}")
         self.config, self.model, self.tokenizer = cfg, lm, tokenizer
         self.rng = np.random.default_rng([cfg.seed, 7])
+        self.write_corpus()
+
+    def write_corpus(self) -> None:
+        """The documents, written and tokenised once."""
+        cfg = self.config
         self.corpus = lm_corpus(cfg.corpus_size, self.rng, cfg.kinds, cfg.kind_weights,
                                 cfg.max_objects)
-        self.ids, self.mask = encode_documents(tokenizer, self.corpus, cfg.max_length)
+        self.ids, self.mask = encode_documents(self.tokenizer, self.corpus, cfg.max_length)
 
     def generators(self):
         return self.rng, self.rng
@@ -176,6 +186,38 @@ class LMPretraining:
     def step(self, batch, rng: np.random.Generator) -> dict:
         ids, mask = batch
         loss, _ = lm_step(self.model, ids, mask, rng=rng)
+        return {"loss": loss}
+
+
+class Seq2SeqPretraining(LMPretraining):
+    """The encoder-decoder LM's pretraining: the same documents, each cut into
+    what the encoder reads and what the decoder writes (``questions.seq2seq_pair``:
+    a caption continued or rewritten after a description, an answer after a
+    question), with the prefix-LM loss ``t5.seq2seq_step``. T5 was pretrained by
+    span corruption and FlanT5 then instruction-tuned; a prefix LM (T5's
+    "LM-adapted" objective) on text about the world is the small-scale stand-in."""
+
+    name = "encoder-decoder LM pretraining"
+    model_type = EncoderDecoderLM
+
+    def write_corpus(self) -> None:
+        cfg = self.config
+        self.corpus = seq2seq_corpus(cfg.corpus_size, self.rng, cfg.kinds, cfg.kind_weights,
+                                     cfg.max_objects)
+        self.enc_ids, self.enc_mask, self.labels = encode_seq2seq(
+            self.tokenizer, [e for e, _ in self.corpus], [d for _, d in self.corpus],
+            cfg.max_length)
+
+    def sample_batch(self, rng: np.random.Generator):
+        rows = rng.choice(self.config.corpus_size, size=self.config.batch_size, replace=False)
+        enc_width = int(self.enc_mask[rows].sum(axis=1).max())  # the batch's longest texts
+        dec_width = int((self.labels[rows] != -100).sum(axis=1).max())
+        return (self.enc_ids[rows, :enc_width], self.enc_mask[rows, :enc_width],
+                self.labels[rows, :dec_width])
+
+    def step(self, batch, rng: np.random.Generator) -> dict:
+        enc_ids, enc_mask, labels = batch
+        loss, _ = seq2seq_step(self.model, enc_ids, enc_mask, labels, rng=rng)
         return {"loss": loss}
 
 
@@ -293,10 +335,18 @@ class Stage2Config:
     grad_clip: float = 1.0
     max_text_len: int = 20
     prompt: str = ""  # LAVIS pre-trains with "" and fine-tunes COCO with "a photo of"
+    # encoder-decoder only: the shortest prefix of the prefix-LM split. The author's split
+    # starts at 1 word (LAVIS #139); 0 also trains the empty prefix that zero-shot
+    # captioning uses, without which minblip's small T5 starts its captions mid-sentence
+    min_prefix: int = 0
     seed: int = 0
 
     def __post_init__(self):
         check_run_fields(self, ("steps", "batch_size", "max_text_len"), "Stage2Config")
+        if isinstance(self.min_prefix, bool) or not isinstance(self.min_prefix, int) \
+                or self.min_prefix < 0:
+            raise ValueError(f"Stage2Config.min_prefix: expected an int >= 0, "
+                             f"got {self.min_prefix!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,8 +359,16 @@ class Stage2Config:
 class Stage2Training:
     """The soft prompt of a :class:`~minblip.blip2_stage2.Blip2Stage2` on a split:
     each step draws ``batch_size`` distinct images and a fresh caption for each
-    (``world.describe``, after ``cfg.prompt``) and runs ``stage2_step``; the
-    optimiser sees ``model.params()``, the trainable part only."""
+    (``world.describe``) and runs the loss of the model's design; the optimiser
+    sees ``model.params()``, the trainable part only.
+
+    * decoder-only LM (OPT): the caption after ``cfg.prompt``, ``stage2_step``;
+    * encoder-decoder LM (FlanT5): the caption cut by ``questions.prefix_split``
+      (at least ``cfg.min_prefix`` words of prefix), the prefix to the encoder
+      after the soft prompt and the rest as the decoder's target,
+      ``stage2_prefix_step``. With ``cfg.prompt`` the prompt is the prefix and the
+      whole caption the target (LAVIS's COCO fine-tuning, issue #364).
+    """
 
     name = "stage 2"
 
@@ -335,15 +393,25 @@ class Stage2Training:
                 np.random.default_rng([self.config.seed, 3]))
 
     def sample_batch(self, rng: np.random.Generator):
-        idx = rng.choice(len(self.split), self.config.batch_size, replace=False)
-        texts = [" ".join(t for t in (self.config.prompt,
-                                      world.describe(self.split.scenes[i], rng)) if t)
-                 for i in idx]
-        ids, mask = self.tokenizer.encode(texts, max_length=self.config.max_text_len)
+        cfg = self.config
+        idx = rng.choice(len(self.split), cfg.batch_size, replace=False)
+        captions = [world.describe(self.split.scenes[i], rng) for i in idx]
+        if self.model.encoder_decoder:
+            pairs = [(cfg.prompt, c) if cfg.prompt else prefix_split(c, rng, cfg.min_prefix)
+                     for c in captions]
+            return (self.features[idx],) + encode_seq2seq(
+                self.tokenizer, [p for p, _ in pairs], [s for _, s in pairs], cfg.max_text_len)
+        texts = [" ".join(t for t in (cfg.prompt, c) if t) for c in captions]
+        ids, mask = self.tokenizer.encode(texts, max_length=cfg.max_text_len)
         return self.features[idx], ids, mask
 
     def step(self, batch, rng: np.random.Generator) -> dict:
-        features, ids, mask = batch
-        result = stage2_step(self.model, None, ids, mask, image_embeds=features,
-                             prompt_length=self.prompt_length, rng=rng)
+        if self.model.encoder_decoder:
+            features, enc_ids, enc_mask, labels = batch
+            result = stage2_prefix_step(self.model, None, enc_ids, enc_mask, labels,
+                                        image_embeds=features, rng=rng)
+        else:
+            features, ids, mask = batch
+            result = stage2_step(self.model, None, ids, mask, image_embeds=features,
+                                 prompt_length=self.prompt_length, rng=rng)
         return {"loss": result.loss}

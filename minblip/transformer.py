@@ -35,6 +35,39 @@ class FeedForward(Module):
         return self.fc1.backward(dh, c1)  # undoes h = fc1(x)
 
 
+class GatedFeedForward(Module):
+    """wo(act(wi_0(x)) * wi_1(x)): (..., d) -> two (..., d_ff) -> (..., d), no biases.
+
+    The gated feed-forward of T5 v1.1 and FlanT5 (Hugging Face
+    ``T5DenseGatedActDense``): one projection, through the activation, gates the
+    other element by element. FlanT5 uses the tanh GELU ("gelu_new"); BLIP-2
+    overrides it with the exact GELU (LAVIS ``blip2_t5.py``: ``dense_act_fn =
+    "gelu"``), the default here. HF initialises ``wi`` with std d^-1/2 and
+    ``wo`` with std d_ff^-1/2 (``T5PreTrainedModel._init_weights``, factor 1).
+    """
+
+    def __init__(self, d: int, d_ff: int, rng: np.random.Generator, activation: str = "gelu",
+                 init_factor: float = 1.0):
+        self.wi_0 = Linear(d, d_ff, rng, bias=False, init_std=init_factor * d ** -0.5)
+        self.wi_1 = Linear(d, d_ff, rng, bias=False, init_std=init_factor * d ** -0.5)
+        self.act = make_activation(activation)
+        self.wo = Linear(d_ff, d, rng, bias=False, init_std=init_factor * d_ff ** -0.5)
+
+    def forward(self, x):
+        g, c0 = self.wi_0.forward(x)  # (..., d) @ (d, d_ff) -> (..., d_ff)
+        a, c_act = self.act.forward(g)
+        u, c1 = self.wi_1.forward(x)  # (..., d) @ (d, d_ff) -> (..., d_ff)
+        y, c_o = self.wo.forward(a * u)  # (..., d_ff) @ (d_ff, d) -> (..., d)
+        return y, (c0, c_act, c1, c_o, a, u)
+
+    def backward(self, dy, cache):
+        c0, c_act, c1, c_o, a, u = cache
+        dh = self.wo.backward(dy, c_o)  # undoes y = wo(a * u)
+        dx = self.wi_1.backward(dh * a, c1)  # undoes u = wi_1(x), through h = a * u
+        dg = self.act.backward(dh * u, c_act)  # undoes a = act(g)
+        return dx + self.wi_0.backward(dg, c0)  # undoes g = wi_0(x); x fed both projections
+
+
 class PreNormBlock(Module):
     """The ViT block (timm ``Block``, used by salesforce/BLIP ``models/vit.py``;
     LAVIS ``eva_vit.py Block`` without layer scale), also OPT's decoder layer

@@ -5,7 +5,7 @@ import pytest
 
 from minblip import gradcheck, world
 from minblip.blip2_stage1 import Blip2Config, Blip2Stage1
-from minblip.blip2_stage2 import Blip2Stage2, build_stage2, stage2_step
+from minblip.blip2_stage2 import Blip2Stage2, build_stage2, stage2_prefix_step, stage2_step
 from minblip.evaluate_blip2 import (evaluate_stage2_captions, qa_items, stage2_captions,
                                     zero_shot_qa)
 from minblip.image import preprocess
@@ -309,3 +309,94 @@ def test_bad_input():
     with pytest.raises(ValueError, match="tokenizer has"):
         Stage2Training(model, tok, tiny_world().train,
                        Stage2Config(steps=1, batch_size=2, warmup_steps=0))
+
+
+# ---------------------------------------------------------------------------
+# The encoder-decoder design: Blip2T5.forward, the prefix language-modelling loss
+# ---------------------------------------------------------------------------
+
+def build_t5(vocab=11, seed=0):
+    from minblip.t5 import EncoderDecoderLM, T5Config
+    rng = np.random.default_rng(seed)
+    lm = EncoderDecoderLM(T5Config(vocab_size=vocab, width=10, depth=1, heads=2, mlp_dim=12,
+                                   num_buckets=8, max_distance=8, max_positions=14), rng)
+    return Blip2Stage2(VisionTransformer(vit_cfg(), rng), LayerNorm(6), QFormer(q_cfg(), rng),
+                       lm, rng)
+
+
+def split_batch(k):
+    """One caption "w5 w6 w7 w8 [SEP]" (ids 5-8, [SEP] = 3) cut after k words, and a
+    second, shorter one cut after one word, T5's layout: the prefix closed by [SEP],
+    the suffix closed by [SEP], padding 0 in the encoder and -100 in the labels."""
+    words = [5, 6, 7, 8]
+    enc = [words[:k] + [3], [9, 3]]
+    dec = [words[k:] + [3], [10, 3]]
+    width_e, width_d = max(map(len, enc)), max(map(len, dec))
+    enc_ids = np.array([r + [0] * (width_e - len(r)) for r in enc])
+    labels = np.array([r + [-100] * (width_d - len(r)) for r in dec])
+    return enc_ids, (enc_ids != 0).astype(np.int64), labels
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_gradcheck_prefix_lm_step_at_every_split(k):
+    """Every trainable Param of the T5 design, for the empty prefix (zero-shot
+    captioning's), one word, and the midpoint; nothing reaches the frozen parts."""
+    model = randomize(build_t5())
+    images = np.random.default_rng(3).normal(size=(2, 3, 8, 8))
+    enc_ids, enc_mask, labels = split_batch(k)
+    report = gradcheck(lambda backward: stage2_prefix_step(
+        model, images, enc_ids, enc_mask, labels, backward=backward).loss, model, n_coords=4)
+    assert report.passed and report.directional.passed
+    frozen = [p for p in model.params(include_frozen=True) if p.frozen]
+    assert frozen and not any(p.grad.any() for p in frozen)
+
+
+def test_prefix_is_read_by_the_encoder_and_never_scored():
+    model = randomize(build_t5())
+    images = np.random.default_rng(4).normal(size=(2, 3, 8, 8))
+    enc_ids, enc_mask, labels = split_batch(2)
+    base = stage2_prefix_step(model, images, enc_ids, enc_mask, labels, backward=False)
+    other = enc_ids.copy()
+    other[0, 0] = 9  # another prefix word: the loss changes (the encoder reads it) ...
+    changed = stage2_prefix_step(model, images, other, enc_mask, labels, backward=False)
+    assert abs(changed.loss - base.loss) > 1e-9
+    # ... but it is no target: the loss is the decoder's cross-entropy on the suffix only
+    from minblip.t5 import seq2seq_step
+    direct, _ = seq2seq_step(model.language_model, enc_ids, enc_mask, labels,
+                             prefix_embeds=base.soft_prompt, backward=False)
+    assert direct == base.loss
+    assert base.soft_prompt.shape == (2, Q, 10) and base.logits is None
+
+
+def test_each_design_refuses_the_other_loss():
+    images, ids, mask = batch()
+    enc_ids, enc_mask, labels = split_batch(1)
+    with pytest.raises(TypeError, match="stage2_prefix_step"):
+        stage2_step(build_t5(), images, ids, mask)
+    with pytest.raises(TypeError, match="stage2_step"):
+        stage2_prefix_step(build(), images, enc_ids, enc_mask, labels)
+    with pytest.raises(ValueError, match="labels"):
+        stage2_prefix_step(build_t5(), images, enc_ids, enc_mask, labels[:1])
+
+
+def test_t5_stage2_trains_captions_and_answers_on_a_tiny_world():
+    tok = build_lm_tokenizer()
+    from minblip.t5 import EncoderDecoderLM, T5Config
+    rng = np.random.default_rng(0)
+    lm = EncoderDecoderLM(T5Config(vocab_size=tok.vocab_size, width=12, depth=1, heads=2,
+                                   mlp_dim=16, max_positions=40), rng)
+    model = build_stage2(lm, rng, visual_encoder=VisionTransformer(vit_cfg(image_size=16,
+                                                                           patch_size=8), rng),
+                         qformer_cfg=q_cfg(vocab_size=tok.vocab_size))
+    split = tiny_world().train
+    trainer = Trainer(Stage2Training(model, tok, split, Stage2Config(steps=6, batch_size=4,
+                                                                     warmup_steps=1)))
+    losses = trainer.run(progress=False)["loss"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    batch_ = trainer.task.sample_batch(np.random.default_rng(0))
+    assert len(batch_) == 4 and (batch_[3] != -100).any()  # features, prefix, mask, labels
+    captions = stage2_captions(model, tok, preprocess(split.images[:3], 16), num_beams=2,
+                               max_length=6)
+    assert len(captions) == 3
+    qa = zero_shot_qa(model, tok, split)
+    assert 0.0 <= qa["overall"]["accuracy"] <= 1.0 and qa["overall"]["n"] > 0

@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minblip"
 FLOORS = {
     "core": ("__init__", "core", "gradcheck", "files"),
     "layers": ("layers", "softmax", "attention", "transformer"),
-    "models": ("vit", "text", "qformer", "lm", "blip", "blip2_stage1", "blip2_stage2",
+    "models": ("vit", "text", "qformer", "lm", "t5", "blip", "blip2_stage1", "blip2_stage2",
                "objectives", "generation"),
     "data": ("tokenizer", "wordpiece", "bpe", "image", "world", "questions", "safetensors",
              "hf", "hf_blip2", "hf_hub"),
-    "training": ("optim", "checkpoint", "train", "train_blip2", "evaluate", "evaluate_blip2",
-                 "report", "capfilt", "diagrams"),
-    "experiments": ("demo", "blip2_pipeline", "capfilt_experiment", "tour"),
+    "training": ("optim", "checkpoint", "blip2_checkpoint", "train", "train_blip2", "evaluate",
+                 "evaluate_blip2", "report", "capfilt", "diagrams"),
+    "experiments": ("demo", "blip2_pipeline", "blip2_experiment", "capfilt_experiment", "tour"),
     "cli": ("__main__", "exercises"),
 }
 ORDER = list(FLOORS)

@@ -484,3 +484,103 @@ def test_blip2_twin_comparison_can_fail():
     failed = {r["name"] for r in rows if not twin.passes(r, "float64")}
     assert {"loss_itc", "loss_itg", "temp", "Qformer.cls.predictions.bias"} <= failed
     assert "loss_itm" not in failed
+
+
+# ---------------------------------------------------------------------------------------
+# BLIP-2's encoder-decoder language model: minblip.t5 against T5ForConditionalGeneration
+# ---------------------------------------------------------------------------------------
+
+def _rms_norm_in_own_dtype(norm):
+    def forward(x):
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                              + norm.variance_epsilon))
+    return forward
+
+
+def t5_pair(dtype, depth=2, heads=2, seed=0):
+    """A tiny FlanT5-layout HF model (gated GELU, untied head, as LAVIS configures it)
+    and minblip's EncoderDecoderLM holding the same weights."""
+    from transformers import T5Config as HFT5Config
+    from transformers import T5ForConditionalGeneration
+
+    from minblip.t5 import EncoderDecoderLM, T5Config
+    config = HFT5Config(vocab_size=17, d_model=12, d_kv=12 // heads, d_ff=20, num_layers=depth,
+                        num_decoder_layers=depth, num_heads=heads,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=10,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        dropout_rate=0.0, pad_token_id=0, eos_token_id=3,
+                        decoder_start_token_id=0)
+    config.dense_act_fn = "gelu"  # blip2_t5.py overrides FlanT5's gelu_new
+    torch.manual_seed(seed)
+    ref = T5ForConditionalGeneration(config).to(dtype).eval()
+    for module in ref.modules():  # HF's T5LayerNorm takes the variance in float32 even in a
+        if type(module).__name__ == "T5LayerNorm":  # float64 model: take it in the model's
+            module.forward = _rms_norm_in_own_dtype(module)  # dtype, as minblip does
+    randomize(ref, seed)
+    mine = EncoderDecoderLM(T5Config(vocab_size=17, width=12, depth=depth, heads=heads,
+                                     mlp_dim=20, num_buckets=8, max_distance=10),
+                            np.random.default_rng(0)).to(NP[dtype])
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    mine.shared.weight.data[...] = sd["shared.weight"]
+    mine.lm_head.W.data[...] = sd["lm_head.weight"].T
+    for stack in ("encoder", "decoder"):
+        ours = getattr(mine, stack)
+        ours.relative_attention_bias.table.weight.data[...] = \
+            sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        ours.final_norm.weight.data[...] = sd[f"{stack}.final_layer_norm.weight"]
+        for i, block in enumerate(ours.blocks):
+            pre = f"{stack}.block.{i}.layer."
+            sub = [("self_attn", "0.SelfAttention", "0.layer_norm")]
+            if stack == "decoder":
+                sub.append(("cross_attn", "1.EncDecAttention", "1.layer_norm"))
+            ff = "2" if stack == "decoder" else "1"
+            for name, attn, norm in sub:
+                getattr(block, f"{name}_norm").weight.data[...] = sd[pre + norm + ".weight"]
+                for w in "qkvo":
+                    getattr(getattr(block, name), w).W.data[...] = sd[f"{pre}{attn}.{w}.weight"].T
+            block.ffn_norm.weight.data[...] = sd[f"{pre}{ff}.layer_norm.weight"]
+            for w in ("wi_0", "wi_1", "wo"):
+                getattr(block.ffn, w).W.data[...] = sd[f"{pre}{ff}.DenseReluDense.{w}.weight"].T
+    return ref, mine
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("depth, heads", [(2, 2), (1, 3)])
+def test_t5_logits_loss_and_soft_prompt_gradient(dtype, depth, heads):
+    """Blip2T5.forward's call: inputs_embeds = [soft prompt | shared(ids)], padded
+    encoder text, labels with -100; the logits, the loss and the gradient of the
+    soft prompt through the whole (frozen) model."""
+    from minblip.t5 import seq2seq_step
+    ref, mine = t5_pair(dtype, depth, heads)
+    rng = np.random.default_rng(1)
+    prefix = rng.standard_normal((2, 3, 12)).astype(NP[dtype])
+    ids = np.array([[5, 6, 7, 3, 0, 0], [8, 9, 10, 11, 12, 3]])  # encoder text, padded
+    mask = (ids != 0).astype(np.int64)
+    labels = np.array([[13, 14, 3, -100], [15, 3, -100, -100]])
+    inputs = t(prefix).requires_grad_(True)
+    embeds = torch.cat([inputs, ref.shared(t(ids))], dim=1)
+    att = torch.cat([torch.ones(2, 3, dtype=torch.long), t(mask)], dim=1)
+    out = ref(inputs_embeds=embeds, attention_mask=att, labels=t(labels))
+    out.loss.backward()
+    mine.freeze()
+    loss, d_prefix = seq2seq_step(mine, ids, mask, labels, prefix)
+    assert abs(loss - out.loss.item()) <= TOL[dtype]
+    assert np.abs(d_prefix - inputs.grad.numpy()).max() <= TOL[dtype]
+    from minblip.t5 import shift_right
+    logits, _ = mine.forward(ids, mask, shift_right(labels), None, prefix)
+    assert np.abs(logits - out.logits.detach().numpy()).max() <= TOL[dtype]
+
+
+def test_t5_greedy_tokens_match_generate():
+    from minblip.t5 import EncoderDecoderCaptioner
+    ref, mine = t5_pair(torch.float64, seed=2)
+    rng = np.random.default_rng(3)
+    prefix = rng.standard_normal((3, 4, 12))
+    with torch.no_grad():
+        hf_ids = ref.generate(inputs_embeds=t(prefix), attention_mask=torch.ones(3, 4,
+                                                                                 dtype=torch.long),
+                              max_new_tokens=7, num_beams=1, do_sample=False, min_length=1)
+    memory, _, _ = mine.encode(prefix_embeds=prefix)
+    out = generate(EncoderDecoderCaptioner(mine), memory, np.array([0]), sep_id=3,
+                   method="greedy", max_length=8, min_length=1)
+    assert hf_tokens(hf_ids) == [x.tolist() for x in out.tokens]

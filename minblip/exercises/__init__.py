@@ -121,7 +121,8 @@ EXERCISES: tuple[Exercise, ...] = (
         "split, the scaled scores, a boolean mask (a fully masked row gives zeros), the "
         "softmax, the head merge and the output projection.",
         30, _tests("test_ex_2_3_notebook"),
-        reimplements=("minblip.attention.MultiHeadAttention.forward",)),
+        reimplements=("minblip.attention.MultiHeadAttention.forward",
+                      "minblip.t5.T5Attention.forward")),
     Exercise(
         "3.1", "patch embedding as reshape plus matmul", "03_vit_patch_embedding",
         ("minblip/vit.py::patchify",),
