@@ -302,8 +302,8 @@ print(ids[0].tolist(), "->", repr(wp.decode(ids[0])))
 print("unknown word:", wp.tokenize("zebras"), "| [DEC], [ENC] ids:", wp.dec_id, wp.enc_id)
 
 # %% [markdown]
-# On 523 strings (accents, Chinese characters, emoji, control characters, special
-# tokens, random mixtures) `minblip.wordpiece` produces the same tokens as
+# On every string of the parity tests (accents, Chinese characters, emoji, control
+# characters, special tokens, random mixtures) `minblip.wordpiece` produces the same tokens as
 # transformers' `BertTokenizer`s (`tests/test_torch_parity.py`). One detail separates
 # the two of them: lower-casing. transformers 5 (Rust) lower-cases character by
 # character; BERT's Python tokenizer, which salesforce/BLIP ran, calls `str.lower`,
@@ -369,7 +369,7 @@ plt.show()
 # rounding noise of about $10^{-17}$ there, so they are compared with an absolute
 # tolerance instead.
 #
-**Beam search** depends on conventions (what length a finished caption's score is
+# **Beam search** depends on conventions (what length a finished caption's score is
 # divided by, whether [SEP] is masked before or after the log-softmax, which [SEP]
 # candidates count) that differ between transformers versions. `minblip.generation`
 # follows transformers 5, and its beams match token for token, also when hypotheses
