@@ -113,9 +113,9 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "details": details,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    common.use_repo()
+    from minblip.files import write_text_atomic
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print("\n== headline (1 BLAS thread; both thread counts under by_threads) ==")
     for key, value in headline.items():
         print(f"   {key:<28} {value}" + (f"   ({reasons[key]})" if key in reasons else ""))

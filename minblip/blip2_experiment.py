@@ -135,7 +135,8 @@ def _vision_task(cfg: Blip2RunConfig, vision_checkpoint) -> dict:
         vision = pretrained_vision(vision_checkpoint)
         data = checkpoint_world(vision.train_config, cfg.n_train, cfg.n_test)
     else:
-        data = world.make_dataset(cfg.n_train, 0, cfg.n_test, seed=cfg.seed)
+        data = world.make_dataset(cfg.n_train, 0, cfg.n_test, seed=cfg.seed,
+                                  image_size=cfg.image_size)
         vision = pretrained_vision(dataset=data, **cfg.vision_overrides())
     vision.history = None  # the curves stay here: only the model travels
     return {"vision": vision, "data": data, "blip_recall": blip_itc_recall(vision, data),

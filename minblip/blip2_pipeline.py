@@ -89,7 +89,10 @@ class Blip2RunConfig:
     n_test: int = 200             # held-out images for every measurement
     batch_size: int = 32          # image-text pairs per step, every training here
     # the frozen image encoder when no checkpoint is given: an ITC-only BLIP of the demo's
-    # sizes and optimiser (TrainConfig's defaults)
+    # sizes and geometry (minblip.demo.DEMO_RECIPE: one 10-pixel patch per cell of the
+    # world's 3x3 grid); with a checkpoint, its world and ViT are used instead
+    image_size: int = 30
+    patch_size: int = 10
     vision_steps: int = 4000
     vision_width: int = 64
     vision_depth: int = 2
@@ -177,7 +180,7 @@ class Blip2RunConfig:
 
     def vision_overrides(self) -> dict:
         """``TrainConfig`` fields of the ITC-only BLIP that trains the frozen ViT."""
-        return dict(steps=self.vision_steps,
+        return dict(steps=self.vision_steps, patch_size=self.patch_size,
                     warmup_steps=_warmup(self.vision_steps, self.vision_warmup),
                     batch_size=self.batch_size, width=self.vision_width,
                     depth=self.vision_depth, heads=self.vision_heads, lr=self.vision_lr,
@@ -498,7 +501,8 @@ def run_blip2(out, cfg: Blip2RunConfig | None = None, *, vision_checkpoint=None,
             say(f"frozen image encoder: the ViT of {vision.source} (its world: seed "
                 f"{data.seed}, {data.image_size}x{data.image_size} images)")
         else:
-            data = world.make_dataset(cfg.n_train, 0, cfg.n_test, seed=cfg.seed)
+            data = world.make_dataset(cfg.n_train, 0, cfg.n_test, seed=cfg.seed,
+                                      image_size=cfg.image_size)
             say(f"frozen image encoder: no vision checkpoint given, so a BLIP trains first: "
                 f"{cfg.vision_steps} steps of ITC alone on {cfg.n_train} images")
         part1 = vision_and_stage1(cfg, data, vision, progress=progress)
