@@ -81,13 +81,7 @@ def worker(args) -> dict:
                                              first.neg_image_idx, first.neg_text_idx)
         out["first_loss"] = {"minblip": first.loss, "torch": twin_loss}
     times = common.interleave(fns, repeats, warmup=3)
-    out["minblip"] = common.summary_ms(times["minblip"])
-    if torch_ok:
-        out["torch"] = common.summary_ms(times["torch"])
-        out["ratio"] = common.paired_ratio(times["minblip"], times["torch"])
-    else:
-        out["torch"] = out["ratio"] = None
-        out["reason"] = reason
+    common.record_times(out, times, torch_ok, reason)
     out["load_average_end"] = common.load_average()
     return out
 

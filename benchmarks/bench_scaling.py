@@ -93,16 +93,8 @@ def time_worker(args) -> dict:
     repeats = max(3, min(args.repeats or 8, int(args.seconds / max(round_s, 1e-9))))
     times = common.interleave(fns, repeats, warmup=1)
     out = {"point": point, "threads": threads, "repeats": repeats,
-           "params": mine.trainer.model.param_count(),
-           "minblip": common.summary_ms(times["minblip"]),
-           "load_average": common.load_average()}
-    if torch_ok:
-        out["torch"] = common.summary_ms(times["torch"])
-        out["ratio"] = common.paired_ratio(times["minblip"], times["torch"])
-    else:
-        out["torch"] = out["ratio"] = None
-        out["reason"] = reason
-    return out
+           "params": mine.trainer.model.param_count(), "load_average": common.load_average()}
+    return common.record_times(out, times, torch_ok, reason)
 
 
 def product_flops(record) -> int:

@@ -41,13 +41,7 @@ def worker(args) -> dict:
         out["first_loss"] = {"minblip": mine.first.loss, "torch": twin.first_loss}
         fns["torch"] = twin
     times = common.interleave(fns, repeats, warmup=3)
-    out["minblip"] = common.summary_ms(times["minblip"])
-    if torch_ok:
-        out["torch"] = common.summary_ms(times["torch"])
-        out["ratio"] = common.paired_ratio(times["minblip"], times["torch"])
-    else:
-        out["torch"] = out["ratio"] = None
-        out["reason"] = reason
+    common.record_times(out, times, torch_ok, reason)
     out["load_average_end"] = common.load_average()
     return out
 

@@ -148,6 +148,19 @@ def summary_ms(seconds: list[float]) -> dict:
             "max_ms": round(max(ms), 3), "runs": len(ms)}
 
 
+def record_times(out: dict, times: dict, torch_ok: bool, reason) -> dict:
+    """Into ``out``: minblip's times, and PyTorch's with the paired ratio when the
+    twin ran (``times`` from :func:`interleave`), else ``reason`` why it did not."""
+    out["minblip"] = summary_ms(times["minblip"])
+    if torch_ok:
+        out["torch"] = summary_ms(times["torch"])
+        out["ratio"] = paired_ratio(times["minblip"], times["torch"])
+    else:
+        out["torch"] = out["ratio"] = None
+        out["reason"] = reason
+    return out
+
+
 def paired_ratio(num: list[float], den: list[float]) -> dict:
     """Ratios of the runs of one round (num[i] / den[i]): neighbours in time see
     the same load, so their ratio is steadier than a ratio of medians."""
