@@ -207,8 +207,8 @@ def is_blip2_checkpoint(path) -> bool:
 def describe(stored: dict) -> str:
     """One line about a stored BLIP-2 configuration, for the command line."""
     lm = stored["language_model"]
-    name = {"opt": "decoder-only (OPT-style)", "t5": "encoder-decoder (T5-style)"}[lm["type"]]
-    return (f"BLIP-2 with a {name} language model of width {lm['config']['width']}, "
+    name = {"opt": "a decoder-only (OPT-style)", "t5": "an encoder-decoder (T5-style)"}[lm["type"]]
+    return (f"BLIP-2 with {name} language model of width {lm['config']['width']}, "
             f"{stored['qformer']['num_queries']} queries, "
             f"{stored['vision']['image_size']}x{stored['vision']['image_size']} images")
 

@@ -93,14 +93,15 @@ notebook_start = time.perf_counter()
 # recipe: one layer of width 32 on each side) trained with **ITC alone** — which makes it
 # a CLIP — for 400 steps. We pass it the dataset we will use for stage 1, so the ViT never
 # sees the test images. (Given a checkpoint path instead, `pretrained_vision` takes the
-# ViT of `minblip.train.load_model(path)`.) This ViT is small so that the notebook runs
-# in seconds; section 12 shows how much a better one changes, and `python -m minblip
-# blip2` freezes the ViT of a longer, wider ITC-only BLIP.
+# ViT of `minblip.train.load_model(path)`.) The images are the demo's: 30 pixels in
+# 10-pixel patches, one patch per cell of the world's 3x3 grid (notebook 14, section 7).
+# This ViT is small so that the notebook runs in seconds; `python -m minblip blip2`
+# freezes the demo's, and section 12 reads what that changes.
 
 # %%
-data = world.make_dataset(2000, 0, 200, seed=0)
+data = world.make_dataset(2000, 0, 200, seed=0, image_size=30)
 vision = pretrained_vision(dataset=data, steps=400, warmup_steps=20, width=32, depth=1,
-                           heads=2, init_std=0.1, lr=3e-3, loss_weights=(1.0, 0.0, 0.0))
+                           heads=2, patch_size=10, init_std=0.1, lr=3e-3, loss_weights=(1.0, 0.0, 0.0))
 vit = vision.encoder
 print(f"{vision.source}: {vision.seconds:.1f} s; ITC loss at the end "
       f"{np.mean(vision.history['itc'][-20:]):.3f} (log 32 = {np.log(32):.3f})")
@@ -142,6 +143,18 @@ for name, p in model.named_params():
 print({k: f"{v:,}" for k, v in by_part.items()})
 print("a ViT Param among the trainable ones:",
       any(p is q for p in vit_params for q in model.params()))
+
+# %% [markdown]
+# The Q-Former of this model, drawn from the object itself by `minblip.diagrams`
+# (notebook 09 builds it piece by piece): the queries and the text share each layer's
+# self-attention, only the queries cross-attend to the frozen image features, and each
+# lane has its own feed-forward.
+
+# %%
+from minblip import diagrams
+
+fig = diagrams.draw_qformer(model.qformer)
+plt.show()
 
 # %% [markdown]
 # Here the Q-Former (width 64, two layers) is bigger than the small ViT it reads; in
@@ -353,15 +366,16 @@ print(f"stage-1 ITC recall@1 {itc_r1.round(3)} = {(itc_r1 * 200).mean():.0f}x ch
       f"ViT's own BLIP {blip_r1.round(3)}; largest gap {np.abs(itc_r1 - blip_r1).max():.3f}")
 print(f"ITM loss over the last 20 steps {itm_end:.3f}, the prior's {itm_prior:.3f}")
 assert itc_r1.min() > 10 / 200  # far above chance
-assert np.abs(itc_r1 - blip_r1).max() < 0.15  # about level with the BLIP whose ViT it reads
+assert (itc_r1 < blip_r1).all()  # behind the BLIP whose ViT it reads, after 200 steps
 assert abs(itm_end - itm_prior) < 0.05  # ITM has not left its prior
 
 # %% [markdown]
 # Read these numbers for what they are. Q-Former retrieval is far above chance, so the
 # queries do carry what the captions talk about; it is also far from solved after 200
-# steps of a from-scratch toy on 32×32 scenes that differ by one colour or one relation.
-# In this run it is about level with the BLIP whose ViT it reads (the gap printed
-# above) — with that ViT frozen and a text side trained from scratch. The ITM loss
+# steps of a from-scratch toy on 30×30 scenes that differ by one colour or one relation.
+# In this run it stays behind the BLIP whose ViT it reads (the gap printed above): its
+# text side and its queries start from scratch, on a frozen ViT, and have had 200
+# steps; section 12 shows that at full length stage 1 comes level. The ITM loss
 # hardly leaves the line of "always answer p(match) = 1/3", the prior of its 1:2 label
 # mix: in a run this short ITM has not learned to match, and re-ranking by it does not
 # help. Section 12 measures what it takes to get further.

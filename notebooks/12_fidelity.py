@@ -529,13 +529,14 @@ print("the EVA ViT has no key bias:", eva.key.b is None)
 # %% [markdown]
 # What that buys at full size is measured by `benchmarks/bench_hf_load.py` (a
 # random-initialised model of the real shapes, minblip and transformers one after the
-# other in fresh processes) and shown in the README. Its last BLIP-base runs, a
-# float32 file (used in place) and a float16 one (converted once):
+# other in fresh processes) and shown in the README. Its last runs: BLIP base from a
+# float32 file (used in place) and from a float16 one (converted once), and BLIP-2
+# OPT-2.7b from its four float16 shards:
 
 # %%
 results_file = ROOT / "benchmarks" / "hf_load_results.json"
 results = json.loads(results_file.read_text()) if results_file.exists() else {}
-for key in ("blip-base", "blip-base-float16"):
+for key in ("blip-base", "blip-base-float16", "blip2-opt-2.7b"):
     run = results.get(key)
     if run is None or "error" in run["minblip"] or "error" in run["hf"]:
         print(f"{key}: no measurement yet (python benchmarks/bench_hf_load.py --model {key})")
