@@ -29,6 +29,7 @@ from minblip.blip import pretrain_step
 from minblip.blip2_stage1 import Blip2Config, Blip2Stage1, stage1_step
 from minblip.blip2_stage2 import Blip2Stage2, stage2_step
 from minblip.checkpoint import load_checkpoint, read_header, save_checkpoint
+from minblip.demo import demo_config
 from minblip.evaluate import caption_images
 from minblip.evaluate_blip2 import generate_text
 from minblip.generation import generate
@@ -569,7 +570,8 @@ def test_resume_with_other_options_is_refused_with_every_difference(tmp_path, ca
     code, _, err = cli(capsys, "train", "--out", tmp_path, "--resume", "--steps", 6, "--lr",
                        "0.5", "--batch-size", 2, "--quiet")
     assert code == 2
-    assert "batch_size: saved 4, asked 2; lr: saved 0.002, asked 0.5" in err
+    saved_lr = demo_config().lr  # train's default learning rate is the demo's
+    assert f"batch_size: saved 4, asked 2; lr: saved {saved_lr:g}, asked 0.5" in err
     assert "may change only steps and checkpoint_every" in err
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
 
