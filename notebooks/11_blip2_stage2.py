@@ -721,13 +721,13 @@ for label, c in (("decoder-only", opt_counts), ("encoder-decoder", t5_counts)):
 # training goes on (the paper calls it catastrophic forgetting). The Q-Former then has
 # to learn what to take from the image from the language-modelling loss alone.
 #
-# `python -m minblip blip2 --ablation` measures the same on our world over three
-# seeds, at the full length of `python -m minblip blip2`, for both language models:
-# stage 2 from the stage-1 Q-Former (BLIP-2's recipe), from a fresh one, and from stage 1
-# with the language model trained too ("unfrozen", the one thing BLIP-2 never does),
-# with caption attribute accuracy (greedy captions) and zero-shot answer accuracy along
-# stage 2. The run read here is `docs/blip2_results.json`; docs/blip2_results.md has all
-# of it.
+# `python -m minblip blip2 --ablation --vision-checkpoint runs/demo/checkpoint.npz`
+# measures the same on our world over three seeds, at the full length of `python -m
+# minblip blip2`, for both language models: stage 2 from the stage-1 Q-Former (BLIP-2's
+# recipe), from a fresh one, and from stage 1 with the language model trained too
+# ("unfrozen", the one thing BLIP-2 never does), with caption attribute accuracy
+# (greedy captions) and zero-shot answer accuracy along stage 2. The run read here is
+# `docs/blip2_results.json`; docs/blip2_results.md has all of it.
 
 # %%
 import json
@@ -741,6 +741,53 @@ results = json.loads(Path("../docs/blip2_results.json").read_text())
 display(plot_stage2_curves(results))
 tables = format_ablation_tables(results)
 display(Markdown(tables[:tables.index("### 2.")]))
+
+# %%
+stage2 = results["stage2"]
+for kind in ("opt", "t5"):
+    diffs = stage2[kind]["differences_vs_stage1"]
+    curves = {init: stage2[kind][init]["curve"]["zero_shot_answer_accuracy"]["mean"]
+              for init in ("stage1", "fresh", "unfrozen")}
+    print(f"{kind}: fresh minus stage 1, captions "
+          f"{100 * diffs['fresh']['stage2_caption_attribute_accuracy']['mean']:+.1f} points, "
+          f"answers {100 * diffs['fresh']['zero_shot_answer_accuracy']['mean']:+.1f}; "
+          f"unfrozen minus stage 1, captions "
+          f"{100 * diffs['unfrozen']['stage2_caption_attribute_accuracy']['mean']:+.1f}, "
+          f"answers {100 * diffs['unfrozen']['zero_shot_answer_accuracy']['mean']:+.1f}")
+    print("   zero-shot answers along stage 2: " + "; ".join(
+        f"{init} " + " ".join(f"{a:.2f}" for a in curve) for init, curve in curves.items()))
+    # stage 1 gives no head start here: a fresh Q-Former does at least as well
+    assert diffs["fresh"]["stage2_caption_attribute_accuracy"]["mean"] > -0.02
+    assert diffs["fresh"]["zero_shot_answer_accuracy"]["mean"] > -0.02
+    # an unfrozen LM captions a little better and forgets how to answer: below the
+    # same LM without the image
+    assert diffs["unfrozen"]["stage2_caption_attribute_accuracy"]["mean"] > 0
+    unfrozen = stage2[kind]["unfrozen"]
+    assert (unfrozen["zero_shot_answer_accuracy"]["mean"]
+            < stage2[kind]["stage1"]["zero_shot_blind_accuracy"]["mean"])
+opt_fresh = stage2["opt"]["fresh"]["curve"]["zero_shot_answer_accuracy"]["mean"]
+opt_stage1 = stage2["opt"]["stage1"]["curve"]["zero_shot_answer_accuracy"]["mean"]
+assert opt_fresh[-1] < opt_fresh[0] and opt_stage1[-1] > opt_stage1[0]
+assert min(np.subtract(opt_fresh, opt_stage1)) > 0
+
+# %% [markdown]
+# What reproduces, and what does not (the cell checks each statement):
+#
+# * **Freezing the language model is what keeps its skills.** Trained on captions with
+#   the LM unfrozen, both designs caption a little better, and their zero-shot answers
+#   collapse below those of the same LM without any image: stage 2 taught them to write
+#   captions, and they forgot how to answer. This is the paper's reason for a frozen
+#   LLM, and it reproduces clearly, for both designs and every seed.
+# * **Stage 1 gives stage 2 no head start here.** From a fresh Q-Former both designs
+#   caption and answer at least as well as from stage 1, unlike the paper's Figure 5. The
+#   OPT curves do move the paper's way (from a fresh Q-Former the answers fall as stage 2
+#   goes on, from stage 1 they rise), but the fresh start stays ahead at every point
+#   measured. A likely reason, which notebook 10's section 12 shows: our frozen ViT is
+#   a contrastive model trained on these very captions, so its features already line up
+#   with the words, and stage 1 only climbs to what that ViT's own ITC already had.
+#   EVA-CLIP was trained on web text far from COCO's captions and the LLM's language;
+#   bridging that is the job stage 1 does in the paper, and there is little of it to do
+#   here.
 
 # %%
 assert metrics["caption_attribute_accuracy"] < reading["caption_attribute_accuracy"]
