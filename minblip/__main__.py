@@ -298,7 +298,6 @@ def cmd_caption(args) -> int:
                                    num_beams=args.beams or 5, max_length=args.max_length or 20,
                                    min_length=1 if args.min_length is None else args.min_length,
                                    rng=rng)
-        captions = [f"{args.prompt} {c}".strip() for c in captions]  # the prompt included
     else:
         from .evaluate import caption_images
         from .train import load_model
@@ -308,7 +307,8 @@ def cmd_caption(args) -> int:
                                   max_length=args.max_length or 20,
                                   min_length=5 if args.min_length is None else args.min_length,
                                   num_beams=args.beams or 3, rng=rng)
-        captions = [f"{args.prompt} {c}".strip() for c in captions]  # the prompt included
+    if not args.from_pretrained:  # minblip's captioners return the words after the prompt
+        captions = [f"{args.prompt} {c}".strip() for c in captions]
     for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}")
     return 0
