@@ -224,7 +224,8 @@ class Trainer:
         """Continue from the checkpoint at ``path``, written by :meth:`save` for a task
         built the same way (same configuration, checked): training on gives the
         same parameters as a run that was never interrupted. Returns self."""
-        info = load_checkpoint(path, self.model, config=self.task.config.to_dict(),
+        info = load_checkpoint(path, self.model,
+                               config=config_as_saved(self.task.config, read_header(path)),
                                optimizer=self.optimizer)
         extra = info["extra"]
         if hasattr(self.task, "check_checkpoint"):
@@ -266,6 +267,7 @@ class TrainConfig:
     mlp_ratio: int = 4
     embed_dim: int = 32
     init_std: float = 0.05  # 0.02 (BERT's) leaves ITC flat for hundreds of steps here
+    pos_embed_std: float = 0.05  # the ViT's position table
     dropout: float = 0.0
     sharing: str = "all_but_self_attention"
     label_smoothing: float = 0.1
@@ -307,7 +309,7 @@ class TrainConfig:
         vision = ViTConfig(image_size=self.image_size, patch_size=self.patch_size,
                            width=self.width, depth=self.depth, heads=self.heads,
                            mlp_dim=self.mlp_ratio * self.width, dropout=self.dropout,
-                           init_std=self.init_std)
+                           init_std=self.init_std, pos_embed_std=self.pos_embed_std)
         text = TextConfig(vocab_size=vocab_size, width=self.width, depth=self.depth,
                           heads=self.heads, mlp_dim=self.mlp_ratio * self.width,
                           max_positions=self.max_text_len, dropout=self.dropout,
@@ -315,6 +317,17 @@ class TrainConfig:
         return BLIPConfig(vision=vision, text=text, embed_dim=self.embed_dim,
                           sharing=self.sharing, label_smoothing=self.label_smoothing,
                           proj_init_std=self.init_std)
+
+
+def config_as_saved(cfg, header: dict) -> dict:
+    """``cfg.to_dict()`` as a checkpoint whose header (:func:`read_header`) is
+    ``header`` holds it: a field added to the config after the file was written
+    is left out while ``cfg`` keeps that field's default, which is what the
+    saved run did. Any other difference still makes ``load_checkpoint`` refuse."""
+    saved = header["config"]
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    return {name: value for name, value in cfg.to_dict().items()
+            if name in saved or name not in defaults or value != defaults[name]}
 
 
 def check_run_fields(cfg, positive_ints, what: str) -> None:
@@ -572,5 +585,5 @@ def load_model(path):
     cfg = stored_train_config(path)
     tokenizer = build_tokenizer()
     model = BLIP(cfg.model_config(tokenizer.vocab_size), np.random.default_rng(0))
-    load_checkpoint(path, model, config=cfg.to_dict())
+    load_checkpoint(path, model, config=config_as_saved(cfg, read_header(path)))
     return model, tokenizer, cfg

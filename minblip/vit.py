@@ -53,6 +53,8 @@ class ViTConfig:
     eps: float = 1e-6  # LayerNorm eps, BLIP's ``partial(nn.LayerNorm, eps=1e-6)``
     dropout: float = 0.0  # BLIP's ViT uses drop_rate = attn_drop_rate = 0
     init_std: float = 0.02
+    # std of the position table's init; None: init_std, as BLIP (trunc_normal_ std .02)
+    pos_embed_std: float | None = None
     qkv_bias: bool = True  # biases on the q, k and v projections (BLIP: qkv_bias=True)
     key_bias: bool = True  # False: q and v biases only, as EVA's q_bias/v_bias (BLIP-2)
     final_norm: bool = True  # False: no LayerNorm after the blocks (EVA's forward_features)
@@ -74,6 +76,9 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std >= 0:
             raise ValueError(f"ViTConfig.init_std must be >= 0, got {self.init_std}")
+        if self.pos_embed_std is not None and not self.pos_embed_std >= 0:
+            raise ValueError(f"ViTConfig.pos_embed_std must be None or >= 0, got "
+                             f"{self.pos_embed_std}")
         for name in ("qkv_bias", "key_bias", "final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name} must be True or False, got "
@@ -266,7 +271,8 @@ class VisionTransformer(Module):
         D = c.width
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, D, rng)
         self.cls_token = Param(rng.normal(0.0, c.init_std, (1, 1, D)))
-        self.pos_embed = Param(rng.normal(0.0, c.init_std, (1, 1 + c.num_patches, D)))
+        pos_std = c.init_std if c.pos_embed_std is None else c.pos_embed_std
+        self.pos_embed = Param(rng.normal(0.0, pos_std, (1, 1 + c.num_patches, D)))
         self.pos_drop = Dropout(c.dropout)
         self.blocks = [PreNormBlock(D, c.heads, c.mlp_dim, rng, eps=c.eps, dropout=c.dropout,
                                     init_std=c.init_std, qkv_bias=c.qkv_bias,

@@ -739,6 +739,61 @@ assert probe["cell_from_vit_token"] > 0.9
 assert probe["cell_from_decoder_state"] < 2 * probe["chance"]
 assert abs(probe["p_top_when_top"] - probe["p_top_when_bottom"]) < 0.05
 
+# %% [markdown]
+# Can the decoder learn to read the place at all? `benchmarks/position_study.py` trains
+# six short runs (1500 steps, the demo's recipe otherwise, the same few fixed captions
+# for every training image) that change one thing each: which objectives train (all three, or
+# the LM alone), on which scenes (the world's mix, or its single-object scenes alone),
+# the position table's size at initialisation, and whether the text encoder and decoder
+# share weights. Each is scored on scenes it never saw: the position phrase of its
+# beam-search captions of the 41 single-object val and test scenes; a ranking of the
+# same scenes that needs no generation (the decoder's likelihood of the caption with
+# the object put in each of the 9 cells: is the true cell the most likely?); and, for
+# the two-object test scenes, which of "left of", "right of", "above", "below" it finds
+# most likely between the two objects.
+
+# %%
+study = json.loads(Path("../benchmarks/position_study.json").read_text())["variants"]
+print(f"{'variant':19s} {'single-object':>13s} {'cell ranking':>12s} {'relation':>9s}")
+for name, run in study.items():
+    print(f"{name:19s} {run['single_position']:13.2f} {run['single_cell_ranking']:12.2f} "
+          f"{run['pair_relation_ranking']:9.2f}   {run['what']}")
+cell_chance = study["lm_single"]["single_cell_chance"]
+relation_chance = study["lm_single"]["pair_relation_chance"]
+print(f"chance: cell ranking {cell_chance:.2f} (always the most frequent cell), "
+      f"relation {relation_chance:.2f} (the share of relations that hold)")
+lm_single, all_single = study["lm_single"], study["all_single"]
+print(f"single-object scenes only, LM alone: {lm_single['single_position']:.2f} of the captions "
+      f"place the object right; with ITC and ITM beside it: {all_single['single_position']:.2f}")
+assert lm_single["single_cell_ranking"] > cell_chance + 0.1
+assert lm_single["single_position"] > all_single["single_position"] + 0.15
+assert all(run["single_cell_ranking"] <= cell_chance + 0.05
+           for name, run in study.items() if name != "lm_single")
+assert all(abs(run["pair_relation_ranking"] - relation_chance) < 0.05 for run in study.values())
+# the figures the text states
+assert {run["steps"] for run in study.values()} == {1500} and lm_single["singles"] == 41
+assert study["big_position_table"]["changes"]["pos_embed_std"] / TrainConfig().pos_embed_std == 20
+assert round(1 - lm_single["training_images"] / study["lm_world"]["training_images"], 1) == 0.9
+
+# %% [markdown]
+# Only one run ranks the true place above chance: the LM alone, trained on
+# single-object scenes, where every caption names a place and there is one object to
+# look at. Put ITC and ITM beside it, on the same scenes and steps, and its captions
+# lose the place (the line under the table); train the LM alone on the world's mix,
+# where nine captions in ten relate two objects, and the ranking falls to chance too. The relation between two
+# objects is at chance in every run. Neither a position table 20 times larger at
+# initialisation nor unshared text weights change that.
+#
+# Our reading, which these runs support but do not prove: ITC and ITM use position to
+# *look things up* — the word "left" in the text encoder asks which image token is on
+# the left, so position helps in the cross-attention's keys — while the captioner must
+# *carry* it: the query "a small red circle" finds the circle by what it is, and the
+# place has to come back in the values. The three objectives share the ViT and the
+# cross-attention, and everything but the captioner's position words trains the values
+# to carry *what*. In the demo's budget the place does not get through: the curves at
+# the top of this section stay flat in position from the first evaluation to the
+# last, in every variant. Getting it through within the budget is open work.
+
 # %%
 print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 

@@ -52,6 +52,27 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
         load_model(tmp_path / "junk.npz")
 
 
+def test_a_checkpoint_older_than_a_config_field_still_loads(tmp_path, monkeypatch):
+    """A field added to TrainConfig after a run was saved (pos_embed_std) takes its
+    default, which is what that run did; a value the run cannot have had is refused."""
+    cfg = TrainConfig(**{**TINY, "steps": 2, "warmup_steps": 0})
+    trainer = blip_trainer(cfg)
+    to_dict = TrainConfig.to_dict
+    monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {
+        k: v for k, v in to_dict(self).items() if k != "pos_embed_std"})
+    trainer.run(progress=False, checkpoint_path=tmp_path / "old.npz")
+    monkeypatch.undo()
+    assert "pos_embed_std" not in read_config(tmp_path / "old.npz")
+    model, _, loaded = load_model(tmp_path / "old.npz")
+    assert loaded.pos_embed_std == TrainConfig().pos_embed_std
+    np.testing.assert_array_equal(model.visual_encoder.pos_embed.data,
+                                  trainer.model.visual_encoder.pos_embed.data)
+    assert resume_blip(tmp_path / "old.npz").step == 2
+    with pytest.raises(ValueError, match="pos_embed_std"):
+        blip_trainer(TrainConfig(**{**TINY, "steps": 2, "warmup_steps": 0,
+                                    "pos_embed_std": 1.0})).restore(tmp_path / "old.npz")
+
+
 def test_recall_at_k():
     scores = np.array([[0.9, 0.1, 0.0],
                        [0.8, 0.5, 0.1],

@@ -109,8 +109,23 @@ def test_vit_shapes_and_config():
     np.testing.assert_allclose(out.mean(axis=-1), 0.0, atol=1e-5)
 
 
+def test_position_table_std_defaults_to_init_std():
+    rng = np.random.default_rng
+    wide = ViTConfig(image_size=64, patch_size=4, init_std=0.02)  # 257 x 64 numbers
+    table = VisionTransformer(wide, rng(0)).pos_embed.data
+    assert table.std() == pytest.approx(0.02, rel=0.05)
+    bigger = VisionTransformer(ViTConfig(**{**wide.__dict__, "pos_embed_std": 1.0}), rng(0))
+    assert bigger.pos_embed.data.std() == pytest.approx(1.0, rel=0.05)
+    # only the position table changes: every other Param is drawn as before
+    for (name, a), (_, b) in zip(VisionTransformer(wide, rng(0)).named_params(),
+                                 bigger.named_params()):
+        if name != "pos_embed":
+            np.testing.assert_array_equal(a.data, b.data, err_msg=name)
+
+
 @pytest.mark.parametrize("bad", [dict(image_size=30), dict(heads=3), dict(patch_size=0),
-                                 dict(dropout=1.0), dict(eps=0.0), dict(final_norm=0)])
+                                 dict(dropout=1.0), dict(eps=0.0), dict(final_norm=0),
+                                 dict(pos_embed_std=-0.1)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="ViTConfig"):
         ViTConfig(**bad)
