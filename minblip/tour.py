@@ -7,7 +7,7 @@ file, from the repository root:
 
     python -m minblip.tour
 
-which pretrains :func:`tour_config` (the demo's recipe at width 48) on the
+which pretrains :func:`tour_config` (``TrainConfig``'s defaults at width 48) on the
 built-in world and writes the model's Params, its configuration and the
 training time (no optimiser state: nothing resumes from it). The test
 ``tests/test_tour.py`` checks that the committed file loads into the model the
@@ -28,8 +28,9 @@ TOUR_CHECKPOINT = Path(__file__).resolve().parents[1] / "data_samples" / "tour_b
 
 
 def tour_config(**overrides) -> TrainConfig:
-    """The demo's recipe (``TrainConfig()``: 3000 steps of batch 32 on 5000 images)
-    with a narrower model, width 48, so the committed file stays small.
+    """``TrainConfig``'s defaults (3000 steps of batch 32 on 5000 images of 32x32;
+    the demo's recipe came later and changes the image geometry) with a narrower
+    model, width 48, so the committed file stays small.
     ``overrides`` replace fields (the tests train a few steps)."""
     return dataclasses.replace(TrainConfig(width=48), **overrides)
 
