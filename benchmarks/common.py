@@ -124,6 +124,19 @@ def write_result(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=1))
 
 
+def write_study(script: str, argv, started: float, runs: dict, path, **fields) -> None:
+    """Write the runs of a learning study (``demo_recipe.py``, ``position_study.py``)
+    atomically to the JSON file ``path``, with the command that made them, ``fields``,
+    the machine and the wall time since ``started`` (a ``time.perf_counter()``)."""
+    out = {"command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+           **fields, "environment": environment(),
+           "wall_seconds": round(time.perf_counter() - started, 1), "variants": runs}
+    use_repo()
+    from minblip.files import write_json_atomic
+    write_json_atomic(path, out)
+    print(f"wrote {path}")
+
+
 def interleave(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, round-robin: one run of each per
     round, the order rotated every round so none always runs first. Returns

@@ -151,13 +151,7 @@ def main(argv=None) -> int:
                   f"{last['itm_hard_negative_accuracy']:.3f}, captions "
                   f"{last['caption_attribute_accuracy']:.3f} (position "
                   f"{last['caption_position_accuracy']:.3f})", flush=True)
-    out = {"command": "python benchmarks/demo_recipe.py " + " ".join(argv or sys.argv[1:]),
-           "every": args.every, "environment": common.environment(),
-           "wall_seconds": round(time.perf_counter() - started, 1), "variants": runs}
-    common.use_repo()
-    from minblip.files import write_json_atomic
-    write_json_atomic(args.json, out)
-    print(f"wrote {args.json}")
+    common.write_study("demo_recipe.py", argv, started, runs, args.json, every=args.every)
     return 0
 
 

@@ -171,13 +171,7 @@ def main(argv=None) -> int:
                   f"{r['single_position']:.2f} (cell ranking {r['single_cell_ranking']:.2f}), "
                   f"pair relation ranking {r['pair_relation_ranking']:.2f} "
                   f"(chance {r['pair_relation_chance']:.2f})  {r['what']}", flush=True)
-    out = {"command": "python benchmarks/position_study.py " + " ".join(argv or sys.argv[1:]),
-           "environment": common.environment(),
-           "wall_seconds": round(time.perf_counter() - started, 1), "variants": runs}
-    common.use_repo()
-    from minblip.files import write_json_atomic
-    write_json_atomic(args.json, out)
-    print(f"wrote {args.json}")
+    common.write_study("position_study.py", argv, started, runs, args.json)
     return 0
 
 
