@@ -44,7 +44,6 @@ import common
 HERE = Path(__file__).resolve().parent
 STEPS = 1500
 CAPTIONS_PER_IMAGE = 6
-RELATION_WORDS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 
 # name -> (what it is, the scenes trained on, TrainConfig fields on top of the demo's)
 VARIANTS: dict[str, tuple[str, str, dict]] = {
@@ -75,11 +74,15 @@ def caption_log_likelihood(model, tok, image_embeds, captions, max_length):
 
 def rank_scores(model, tok, cfg, data) -> dict:
     """single_position, single_cell_ranking and pair_relation_ranking (module docstring)."""
+    import dataclasses
     import numpy as np
     from minblip import world
     from minblip.evaluate import caption_images
     from minblip.image import preprocess
-    from minblip.world.scenes import Object, Scene
+
+    def words(obj):  # the canonical words of an object, "a small red circle"
+        return world.OBJECT_TEMPLATE.format(size=obj.size, colour=obj.colour, shape=obj.shape)
+    relations = [phrases[0] for phrases in world.RELATION_PHRASES.values()]  # "left of", ...
 
     singles = [(split, i) for split in (data.val, data.test)
                for i, s in enumerate(split.scenes) if len(s.objects) == 1]
@@ -90,8 +93,8 @@ def rank_scores(model, tok, cfg, data) -> dict:
     embeds, _ = model.encode_image(pixels)
     cells = [(r, c) for r in range(3) for c in range(3)]
     scores = np.stack([
-        caption_log_likelihood(model, tok, embeds, [world.canonical_caption(Scene(
-            (Object(**{**s.objects[0].to_dict(), "row": r, "col": c}),), s.background))
+        caption_log_likelihood(model, tok, embeds, [world.canonical_caption(world.Scene(
+            (dataclasses.replace(s.objects[0], row=r, col=c),), s.background))
             for s in scenes], cfg.max_text_len)
         for r, c in cells], axis=1)  # (N, 9)
     truth = [cells.index((s.objects[0].row, s.objects[0].col)) for s in scenes]
@@ -104,15 +107,15 @@ def rank_scores(model, tok, cfg, data) -> dict:
     phrase = []
     for k, i in enumerate(pairs):
         a, b = data.test.scenes[i].objects[::1 if k < len(two) else -1]
-        phrase.append((f"a {a.size} {a.colour} {a.shape}", f"a {b.size} {b.colour} {b.shape}"))
+        phrase.append((words(a), words(b)))
     rel_scores = np.stack([
         caption_log_likelihood(model, tok, pair_embeds,
-                               [f"{first} {words} {second}" for first, second in phrase],
+                               [f"{first} {rel} {second}" for first, second in phrase],
                                cfg.max_text_len)
-        for words in RELATION_WORDS.values()], axis=1)  # (P, 4)
+        for rel in relations], axis=1)  # (P, 4)
     # a relation "holds" when the world's own caption scoring marks the caption's position right
-    holds = np.array([[world.score_caption(data.test.scenes[i], f"{first} {words} {second}")[
-        "position"] for words in RELATION_WORDS.values()]
+    holds = np.array([[world.score_caption(data.test.scenes[i], f"{first} {rel} {second}")[
+        "position"] for rel in relations]
         for i, (first, second) in zip(pairs, phrase)])  # (P, 4) bool
     best_holds = holds[np.arange(len(pairs)), rel_scores.argmax(axis=1)]
     return {"singles": len(scenes), "pairs": len(two),

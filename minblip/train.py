@@ -267,7 +267,7 @@ class TrainConfig:
     mlp_ratio: int = 4
     embed_dim: int = 32
     init_std: float = 0.05  # 0.02 (BERT's) leaves ITC flat for hundreds of steps here
-    pos_embed_std: float = 0.05  # the ViT's position table
+    pos_embed_std: float | None = None  # the ViT's position table; None: init_std
     dropout: float = 0.0
     sharing: str = "all_but_self_attention"
     label_smoothing: float = 0.1
@@ -292,6 +292,10 @@ class TrainConfig:
         if len(self.loss_weights) != 3:
             raise ValueError(f"loss_weights needs three numbers (ITC, ITM, LM), "
                              f"got {self.loss_weights}")
+        if self.pos_embed_std is not None and not (_is_kind(self.pos_embed_std, 0.0)
+                                                   and self.pos_embed_std >= 0):
+            raise ValueError(f"TrainConfig.pos_embed_std: expected None (init_std) or a "
+                             f"finite number >= 0, got {self.pos_embed_std!r}")
         if not _is_kind(self.checkpoint_every, 0) or self.checkpoint_every < 0:
             raise ValueError(f"TrainConfig.checkpoint_every: expected an int >= 0 (0: save "
                              f"at the end only), got {self.checkpoint_every!r}")

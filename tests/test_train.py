@@ -73,6 +73,14 @@ def test_a_checkpoint_older_than_a_config_field_still_loads(tmp_path, monkeypatc
                                     "pos_embed_std": 1.0})).restore(tmp_path / "old.npz")
 
 
+def test_the_position_table_follows_init_std_unless_set():
+    assert TrainConfig(init_std=0.02).model_config(10).vision.pos_embed_std is None
+    assert TrainConfig(pos_embed_std=1.0).model_config(10).vision.pos_embed_std == 1.0
+    for bad in (-0.5, float("nan"), "big"):
+        with pytest.raises(ValueError, match="TrainConfig.pos_embed_std"):
+            TrainConfig(pos_embed_std=bad)
+
+
 def test_recall_at_k():
     scores = np.array([[0.9, 0.1, 0.0],
                        [0.8, 0.5, 0.1],
