@@ -323,6 +323,9 @@ def hf_config_from_blip(cfg: BLIPConfig, kind: str, *, bos_token_id: int, sep_to
     if kind not in arch:
         raise ValueError(f"kind must be one of {sorted(arch)}, got {kind!r}")
     v, t = cfg.vision, cfg.text
+    if v.pos_embed_at_output:
+        raise ValueError("hf_config_from_blip: a ViT with pos_embed_at_output=True (the position "
+                         "table added again at its output) has no Hugging Face BLIP equivalent")
     return {
         "architectures": [arch[kind]],
         "model_type": "blip",

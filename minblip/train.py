@@ -268,6 +268,7 @@ class TrainConfig:
     embed_dim: int = 32
     init_std: float = 0.05  # 0.02 (BERT's) leaves ITC flat for hundreds of steps here
     pos_embed_std: float | None = None  # the ViT's position table; None: init_std
+    pos_embed_at_output: bool = False  # the table added again after the ViT (ViTConfig)
     dropout: float = 0.0
     sharing: str = "all_but_self_attention"
     label_smoothing: float = 0.1
@@ -296,6 +297,9 @@ class TrainConfig:
                                                    and self.pos_embed_std >= 0):
             raise ValueError(f"TrainConfig.pos_embed_std: expected None (init_std) or a "
                              f"finite number >= 0, got {self.pos_embed_std!r}")
+        if not isinstance(self.pos_embed_at_output, bool):
+            raise ValueError(f"TrainConfig.pos_embed_at_output: expected true or false, "
+                             f"got {self.pos_embed_at_output!r}")
         if not _is_kind(self.checkpoint_every, 0) or self.checkpoint_every < 0:
             raise ValueError(f"TrainConfig.checkpoint_every: expected an int >= 0 (0: save "
                              f"at the end only), got {self.checkpoint_every!r}")
@@ -313,7 +317,8 @@ class TrainConfig:
         vision = ViTConfig(image_size=self.image_size, patch_size=self.patch_size,
                            width=self.width, depth=self.depth, heads=self.heads,
                            mlp_dim=self.mlp_ratio * self.width, dropout=self.dropout,
-                           init_std=self.init_std, pos_embed_std=self.pos_embed_std)
+                           init_std=self.init_std, pos_embed_std=self.pos_embed_std,
+                           pos_embed_at_output=self.pos_embed_at_output)
         text = TextConfig(vocab_size=vocab_size, width=self.width, depth=self.depth,
                           heads=self.heads, mlp_dim=self.mlp_ratio * self.width,
                           max_positions=self.max_text_len, dropout=self.dropout,

@@ -58,6 +58,11 @@ class ViTConfig:
     qkv_bias: bool = True  # biases on the q, k and v projections (BLIP: qkv_bias=True)
     key_bias: bool = True  # False: q and v biases only, as EVA's q_bias/v_bias (BLIP-2)
     final_norm: bool = True  # False: no LayerNorm after the blocks (EVA's forward_features)
+    # True: the position table is added once more to the output tokens, after the final
+    # LayerNorm, so the text's cross-attention reads where each token is at a scale the
+    # blocks cannot shrink. A departure from BLIP (whose ViT adds it once, at the input)
+    # that benchmarks/demo_recipe.py measures; Hugging Face's BLIP cannot hold it.
+    pos_embed_at_output: bool = False
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "channels", "width", "depth", "heads", "mlp_dim"):
@@ -79,7 +84,7 @@ class ViTConfig:
         if self.pos_embed_std is not None and not self.pos_embed_std >= 0:
             raise ValueError(f"ViTConfig.pos_embed_std must be None or >= 0, got "
                              f"{self.pos_embed_std}")
-        for name in ("qkv_bias", "key_bias", "final_norm"):
+        for name in ("qkv_bias", "key_bias", "final_norm", "pos_embed_at_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}")
@@ -306,12 +311,16 @@ class VisionTransformer(Module):
         c_norm = None
         if self.norm is not None:
             x, c_norm = self.norm.forward(x)  # every token is normalised, [CLS] included
+        if c.pos_embed_at_output:
+            x = x + self.pos_embed.data  # (B, 1+N, D) + (1, 1+N, D), after the normalisation
         return x, ((c_patch, c_drop, c_blocks, c_norm) if keep_cache else None)
 
     def backward(self, d_image_embeds, cache):
         """d_image_embeds (B, 1+N, D) -> d_images (B, C, H, W); adds into every Param."""
         c_patch, c_drop, c_blocks, c_norm = cache
         dx = d_image_embeds
+        if self.config.pos_embed_at_output and self.pos_embed.trainable:
+            self.pos_embed.grad += dx.sum(axis=0, keepdims=True)  # undoes the output's + pos_embed
         if self.norm is not None:
             dx = self.norm.backward(dx, c_norm)  # undoes the final LayerNorm
         for block, c_block in zip(reversed(self.blocks), reversed(c_blocks)):

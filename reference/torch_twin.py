@@ -94,6 +94,7 @@ class TwinBLIP(nn.Module):
         self.text_proj = nn.Linear(t.width, cfg.embed_dim)
         self.itm_head = nn.Linear(t.width, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.pos_embed_at_output = v.pos_embed_at_output  # minblip's departure, ViTConfig
         if cfg.sharing != "none":
             tie_encoder_decoder(self.text_encoder, self.text_decoder.bert,
                                 "/attention" if cfg.sharing == "all_but_self_attention" else None)
@@ -103,6 +104,8 @@ class TwinBLIP(nn.Module):
         """``BLIP_Pretrain.forward`` with alpha = 0 and no queue -> (total, losses, sim_i2t)."""
         B = ids.shape[0]
         image_embeds = self.vision_model(pixel_values=images).last_hidden_state
+        if self.pos_embed_at_output:
+            image_embeds = image_embeds + self.vision_model.embeddings.position_embedding
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
         # ITC: the unimodal encoder on "[CLS] text"
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -144,12 +147,12 @@ class TwinBLIP(nn.Module):
 
 
 def tiny_minblip(seed: int = 0, dtype=np.float64, sharing: str = "all_but_self_attention",
-                 scale: float = 0.3):
+                 scale: float = 0.3, pos_embed_at_output: bool = False):
     """A small minblip BLIP with weights far from their init (so every gradient is
     well away from zero) and its tokenizer."""
     tok = Tokenizer(WORDS)
     cfg = BLIPConfig(vision=ViTConfig(image_size=16, patch_size=8, width=16, depth=2, heads=2,
-                                      mlp_dim=32),
+                                      mlp_dim=32, pos_embed_at_output=pos_embed_at_output),
                      text=TextConfig(vocab_size=tok.vocab_size, width=16, depth=2, heads=2,
                                      mlp_dim=32, max_positions=16, encoder_width=16),
                      embed_dim=8, sharing=sharing, label_smoothing=0.1)

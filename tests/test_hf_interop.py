@@ -3,6 +3,7 @@ key and config mapping, and the errors for checkpoints that do not fit.
 
 (The comparison with the PyTorch models themselves is tests/test_torch_parity.py.)
 """
+import dataclasses
 import json
 import struct
 
@@ -360,6 +361,14 @@ def test_config_round_trip_and_hf_defaults():
     assert (base.vision.width, base.vision.image_size, base.vision.eps) == (768, 384, 1e-5)
     assert (base.text.vocab_size, base.text.heads, base.label_smoothing) == (30524, 8, 0.0)
     assert base.embed_dim == 256
+
+
+def test_config_with_position_at_output_is_refused():
+    model, tok = tiny_model()
+    cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision,
+                                                                    pos_embed_at_output=True))
+    with pytest.raises(ValueError, match="pos_embed_at_output"):
+        hf.hf_config_from_blip(cfg, "retrieval", bos_token_id=tok.dec_id, sep_token_id=tok.sep_id)
 
 
 def test_original_blip_options_override_the_config():

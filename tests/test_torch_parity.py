@@ -321,12 +321,14 @@ def test_wordpiece_matches_bert_tokenizer(tmp_path):
 # The pretraining step: reference/torch_twin.py
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, sharing", [
-    ("float64", "all_but_self_attention"), ("float64", "all"), ("float64", "none"),
-    ("float32", "all_but_self_attention")])
-def test_twin_step_matches(dtype, sharing):
+@pytest.mark.parametrize("dtype, sharing, pos_embed_at_output", [
+    ("float64", "all_but_self_attention", False), ("float64", "all", False),
+    ("float64", "none", False), ("float32", "all_but_self_attention", False),
+    ("float64", "all_but_self_attention", True)])
+def test_twin_step_matches(dtype, sharing, pos_embed_at_output):
     twin = load_twin_module()
-    model, tok = twin.tiny_minblip(0, np.dtype(dtype), sharing)
+    model, tok = twin.tiny_minblip(0, np.dtype(dtype), sharing,
+                                   pos_embed_at_output=pos_embed_at_output)
     rows, info = twin.compare_step(model, tok)
     failed = [(r["name"], r["max_abs"], r["max_ref"]) for r in rows if not twin.passes(r, dtype)]
     assert not failed

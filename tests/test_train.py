@@ -81,6 +81,13 @@ def test_the_position_table_follows_init_std_unless_set():
             TrainConfig(pos_embed_std=bad)
 
 
+def test_position_at_output_reaches_the_vit():
+    assert TrainConfig().model_config(10).vision.pos_embed_at_output is False
+    assert TrainConfig(pos_embed_at_output=True).model_config(10).vision.pos_embed_at_output
+    with pytest.raises(ValueError, match="TrainConfig.pos_embed_at_output"):
+        TrainConfig(pos_embed_at_output=1)
+
+
 def test_recall_at_k():
     scores = np.array([[0.9, 0.1, 0.0],
                        [0.8, 0.5, 0.1],

@@ -123,9 +123,20 @@ def test_position_table_std_defaults_to_init_std():
             np.testing.assert_array_equal(a.data, b.data, err_msg=name)
 
 
+def test_position_at_output_adds_the_table_once_more():
+    images = np.random.default_rng(4).standard_normal((2, 3, 8, 8))
+    plain, again = tiny_vit(), tiny_vit(pos_embed_at_output=True)
+    out_plain, _ = plain.forward(images)
+    out_again, _ = again.forward(images)
+    np.testing.assert_allclose(out_again, out_plain + plain.pos_embed.data, rtol=1e-12)
+    assert again.param_count() == plain.param_count()  # the same table, used twice
+    report = check_layer(again, images)
+    assert report.passed and report.directional.passed, str(report)
+
+
 @pytest.mark.parametrize("bad", [dict(image_size=30), dict(heads=3), dict(patch_size=0),
                                  dict(dropout=1.0), dict(eps=0.0), dict(final_norm=0),
-                                 dict(pos_embed_std=-0.1)])
+                                 dict(pos_embed_std=-0.1), dict(pos_embed_at_output=1)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="ViTConfig"):
         ViTConfig(**bad)
