@@ -658,14 +658,18 @@ for f in dataclasses.fields(TrainConfig):
 # %% [markdown]
 # ## 7. The demo's recipe, measured
 #
-# The demo departs from `TrainConfig`'s defaults in the few settings of `DEMO_RECIPE`,
-# each chosen by measurement: `benchmarks/demo_recipe.py` trains the demo with one
-# ingredient changed at a time and evaluates the test split every 250 steps, as the demo
-# does, against the CPU time spent training. The world draws its objects in a 3x3 grid
-# of cells. The defaults cut 32-pixel images into 8-pixel patches, a 4x4 grid whose
-# borders run through the cells, so most objects are split between patches; 30-pixel
-# images in 10-pixel patches give every cell a patch of its own. The curves of the run
-# committed in `benchmarks/demo_recipe.json`:
+# The demo departs from `TrainConfig`'s defaults in the settings of `DEMO_RECIPE`, each
+# chosen by measurement: `benchmarks/demo_recipe.py` trains the demo with one
+# ingredient changed at a time (and with two more seeds) and evaluates the test split
+# every 300 steps, as the demo does, against the CPU time spent training. Two groups of
+# changes. The world draws its objects in a 3x3 grid of cells; the defaults cut
+# 32-pixel images into 8-pixel patches, a 4x4 grid whose borders run through the
+# cells, so most objects are split between patches, while 30-pixel images in 10-pixel
+# patches give every cell a patch of its own. The second group is about *where*: the
+# ViT's position table is drawn larger and added a second time at the ViT's output, and
+# the captioner's loss weighs twice; the rest of this section shows why. The variant
+# `as_blip` is the demo with the second group undone, the recipe trained as BLIP
+# trains. The curves of the run committed in `benchmarks/demo_recipe.json`:
 
 # %%
 import json
@@ -682,75 +686,77 @@ fig, axes = plt.subplots(2, 3, figsize=(15, 7))
 for ax, (key, label) in zip(axes.ravel(), panels):
     for name, run in runs.items():
         ax.plot([p["train_cpu_s"] for p in run["curve"]], [p[key] for p in run["curve"]],
-                marker=".", lw=2.2 if name == "demo" else 1.0, label=name)
+                marker=".", lw=2.2 if name == "demo" else 1.0, label=name,
+                ls="--" if name.startswith("demo_seed") else "-")
     ax.set_title(label)
     ax.set_xlabel("CPU seconds of training")
     ax.grid(alpha=0.3)
 axes[0, 0].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-print(f"{'variant':9s} " + " ".join(f"{h:>9s}" for h in ("R@1 i2t", "R@1 t2i", "ITM hard",
-                                                         "captions", "shape", "position")))
+print(f"{'variant':11s} " + " ".join(f"{h:>9s}" for h in ("R@1 i2t", "R@1 t2i", "ITM hard",
+                                                           "captions", "shape", "position")))
 for name, run in runs.items():
     last = run["curve"][-1]
-    print(f"{name:9s} " + " ".join(f"{last[k]:9.3f}" for k, _ in panels) + f"   {run['what']}")
+    print(f"{name:11s} " + " ".join(f"{last[k]:9.3f}" for k, _ in panels) + f"   {run['what']}")
 
 # %% [markdown]
-# Where does the model keep an object's place? On single-object training scenes the
-# script fits two linear probes that predict the object's cell (one of 9): one from the
-# ViT's output token at that cell (possible only when one patch is one cell), one from
-# the text decoder's state just before it names the position ("a small red circle at
-# the ..."), and it reads the decoder's probability of "top" when the object is at the
-# top and when it is at the bottom:
+# One patch per cell is what the first group buys: from `before` (the defaults) to
+# `as_blip` shape accuracy and ITM on hard negatives rise, and position does not move
+# (the first line below). Where does the model keep an object's place? On
+# single-object training scenes the script fits two linear probes that predict the
+# object's cell (one of 9): one from the ViT's output token at that cell (possible only
+# when one patch is one cell), one from the text decoder's state just before it names
+# the position ("a small red circle at the ..."), and it reads the decoder's
+# probability of "top" when the object is at the top and when it is at the bottom:
 
 # %%
 for name, run in runs.items():
     probe = run["position_probe"]
     vit_probe = ("-" if probe["cell_from_vit_token"] is None
                  else f"{probe['cell_from_vit_token']:.2f}")
-    print(f"{name:9s} cell from the ViT token {vit_probe:>5s}, from the decoder state "
+    print(f"{name:11s} cell from the ViT token {vit_probe:>5s}, from the decoder state "
           f"{probe['cell_from_decoder_state']:.2f} (chance {probe['chance']:.2f}); "
           f"p(top | top) {probe['p_top_when_top']:.2f}, p(top | bottom) "
           f"{probe['p_top_when_bottom']:.2f}")
-before, ours = runs["before"]["curve"][-1], runs["demo"]["curve"][-1]
-probe = runs["demo"]["position_probe"]
+before, as_blip = runs["before"]["curve"][-1], runs["as_blip"]["curve"][-1]
 print(f"one patch per cell: shape {before['caption_shape_accuracy']:.2f} -> "
-      f"{ours['caption_shape_accuracy']:.2f}, ITM on hard negatives "
-      f"{before['itm_hard_negative_accuracy']:.2f} -> {ours['itm_hard_negative_accuracy']:.2f}, "
+      f"{as_blip['caption_shape_accuracy']:.2f}, ITM on hard negatives "
+      f"{before['itm_hard_negative_accuracy']:.2f} -> {as_blip['itm_hard_negative_accuracy']:.2f}, "
       f"position {before['caption_position_accuracy']:.2f} -> "
-      f"{ours['caption_position_accuracy']:.2f}")
-assert ours["caption_shape_accuracy"] > before["caption_shape_accuracy"]
-assert ours["itm_hard_negative_accuracy"] > before["itm_hard_negative_accuracy"]
+      f"{as_blip['caption_position_accuracy']:.2f}")
+assert as_blip["caption_shape_accuracy"] > before["caption_shape_accuracy"]
+assert as_blip["itm_hard_negative_accuracy"] > before["itm_hard_negative_accuracy"]
 
 # %% [markdown]
-# One patch per cell is what lifted shape, hard negatives and the compositional split
-# (the first line above). Position it did not fix, and the probes say where it is lost.
-# With one patch per cell the ViT knows where each object is: a linear probe reads the
-# cell from the object's token almost every time. The decoder, at the very token where
-# it must name the place, does not: a probe on its state does no better than chance,
-# and its probability of "top" is the same whether the object sits at the top or at
-# the bottom (the cell checks both). So the information is in the image tokens and is
-# lost in the decoder's cross-attention, which learned to fetch *what* an object is
-# but not *where* it is; the captioner then falls back on the most common position
-# words. Exercise 5 below asks you to look inside.
+# Trained as BLIP trains (`as_blip`), the ViT knows where each object is: a linear
+# probe reads the cell from the object's token almost every time. The decoder, at the
+# very token where it must name the place, does not: a probe on its state does no
+# better than chance, and its probability of "top" is the same whether the object sits
+# at the top or at the bottom (the cell checks both). So the information is in the
+# image tokens and is lost in the decoder's cross-attention, which learned to fetch
+# *what* an object is but not *where* it is; the captioner then falls back on the most
+# common position words. Exercise 5 below asks you to look inside.
 
 # %%
+probe = runs["as_blip"]["position_probe"]
 assert probe["cell_from_vit_token"] > 0.9
 assert probe["cell_from_decoder_state"] < 2 * probe["chance"]
 assert abs(probe["p_top_when_top"] - probe["p_top_when_bottom"]) < 0.05
 
 # %% [markdown]
 # Can the decoder learn to read the place at all? `benchmarks/position_study.py` trains
-# six short runs (1500 steps, the demo's recipe otherwise, the same few fixed captions
-# for every training image) that change one thing each: which objectives train (all three, or
-# the LM alone), on which scenes (the world's mix, or its single-object scenes alone),
-# the position table's size at initialisation, and whether the text encoder and decoder
-# share weights. Each is scored on scenes it never saw: the position phrase of its
-# beam-search captions of the 41 single-object val and test scenes; a ranking of the
-# same scenes that needs no generation (the decoder's likelihood of the caption with
-# the object put in each of the 9 cells: is the true cell the most likely?); and, for
-# the two-object test scenes, which of "left of", "right of", "above", "below" it finds
-# most likely between the two objects.
+# short runs (1500 steps, the same few fixed captions for every training image) of the
+# recipe as BLIP trains it, each changing one thing: which objectives train (all three,
+# or the LM alone), on which scenes (the world's mix, or its single-object scenes
+# alone), the position table's size at initialisation, and whether the text encoder
+# and decoder share weights; the last two rows add the demo's second group of changes.
+# Each is scored on scenes it never saw: the position phrase of its beam-search
+# captions of the 41 single-object val and test scenes; a ranking of the same scenes
+# that needs no generation (the decoder's likelihood of the caption with the object put
+# in each of the 9 cells: is the true cell the most likely?); and, for the two-object
+# test scenes, which of "left of", "right of", "above", "below" it finds most likely
+# between the two objects.
 
 # %%
 study = json.loads(Path("../benchmarks/position_study.json").read_text())["variants"]
@@ -765,42 +771,119 @@ print(f"chance: cell ranking {cell_chance:.2f} (always the most frequent cell), 
 lm_single, all_single = study["lm_single"], study["all_single"]
 print(f"single-object scenes only, LM alone: {lm_single['single_position']:.2f} of the captions "
       f"place the object right; with ITC and ITM beside it: {all_single['single_position']:.2f}")
+as_blip_runs = {name: run for name, run in study.items() if not name.startswith("output_")}
 assert lm_single["single_cell_ranking"] > cell_chance + 0.1
 assert lm_single["single_position"] > all_single["single_position"] + 0.15
 assert all(run["single_cell_ranking"] <= cell_chance + 0.05
-           for name, run in study.items() if name != "lm_single")
-assert all(abs(run["pair_relation_ranking"] - relation_chance) < 0.05 for run in study.values())
+           for name, run in as_blip_runs.items() if name != "lm_single")
+assert all(abs(run["pair_relation_ranking"] - relation_chance) < 0.05
+           for run in study.values())
 # the figures the text states
 assert {run["steps"] for run in study.values()} == {1500} and lm_single["singles"] == 41
 assert study["big_position_table"]["changes"]["pos_embed_std"] / demo_config().init_std == 20
 assert round(1 - lm_single["training_images"] / study["lm_world"]["training_images"], 1) == 0.9
 
 # %% [markdown]
-# Only one run ranks the true place above chance: the LM alone, trained on
-# single-object scenes, where every caption names a place and there is one object to
-# look at. Put ITC and ITM beside it, on the same scenes and steps, and its captions
+# Trained as BLIP trains, only one run ranks the true place above chance: the LM alone,
+# on single-object scenes, where every caption names a place and there is one object
+# to look at. Put ITC and ITM beside it, on the same scenes and steps, and its captions
 # lose the place (the line under the table); train the LM alone on the world's mix,
-# where nine captions in ten relate two objects, and the ranking falls to chance too. The relation between two
-# objects is at chance in every run. Neither a position table 20 times larger at
-# initialisation nor unshared text weights change that.
+# where nine captions in ten relate two objects, and the ranking falls to chance too.
+# The relation between two objects is at chance in every such run. Neither a position
+# table 20 times larger at initialisation nor unshared text weights change that.
 #
-# Our reading, which these runs support but do not prove: ITC and ITM use position to
-# *look things up* — the word "left" in the text encoder asks which image token is on
-# the left, so position helps in the cross-attention's keys — while the captioner must
-# *carry* it: the query "a small red circle" finds the circle by what it is, and the
-# place has to come back in the values. The three objectives share the ViT and the
-# cross-attention, and everything but the captioner's position words trains the values
-# to carry *what*. In the demo's budget the place does not get through: in the curves
-# at the top of this section no variant's position accuracy ever rises above its first
-# evaluation, at step 250 (checked below). Getting it through within the budget is
-# open work.
+# Our reading: ITC and ITM use position to *look things up* (the word "left" in the
+# text encoder asks which image token is on the left, so position helps in the
+# cross-attention's keys), while the captioner must *carry* it: the query "a small red
+# circle" finds the circle by what it is, and the place has to come back in the
+# values. The ViT's blocks add to each token far more about what it shows than the
+# position table holds, and everything but the captioner's position words trains the
+# values to carry *what*.
 #
+# The reading makes a prediction: put the place back into the values and the captioner
+# should name it. That is the demo's second group. The ViT adds its position table once
+# more to its output tokens, after the final LayerNorm (`ViTConfig.pos_embed_at_output`;
+# a departure from BLIP, whose `VisionTransformer.forward` adds `pos_embed` once, before
+# the blocks), so every key and value of the text's cross-attention holds the place at
+# a size the blocks cannot shrink; the table is drawn at std 1.0, the size of a token
+# after the LayerNorm, instead of 0.05; and the LM loss weighs twice, since the place
+# words are few among the caption's tokens. The last two rows of the table test it on
+# the study's short runs:
+
 # %%
-for name, run in runs.items():
-    position = [p["caption_position_accuracy"] for p in run["curve"]]
-    assert max(position[1:]) <= position[0], name
+output_single, output_world = study["output_single"], study["output_world"]
+print(f"single-object scenes, ITC + ITM + LM: captions place the object right "
+      f"{all_single['single_position']:.2f} as BLIP trains, {output_single['single_position']:.2f} "
+      f"with the demo's changes")
+print(f"the world's mix, after {output_world['steps']} steps: cell ranking "
+      f"{study['all_world']['single_cell_ranking']:.2f} -> {output_world['single_cell_ranking']:.2f}, "
+      f"relation ranking {study['all_world']['pair_relation_ranking']:.2f} -> "
+      f"{output_world['pair_relation_ranking']:.2f}")
+assert output_single["single_position"] > all_single["single_position"] + 0.5
+assert output_world["single_cell_ranking"] > cell_chance + 0.4
 
 # %% [markdown]
+# The prediction holds for one object: beside ITC and ITM, on the single-object scenes,
+# the captions now place the object right where before they almost never did, and on
+# the world's mix the true cell now ranks first for most single-object scenes. The
+# relation between two objects is still at chance after these 1500 steps (the table's
+# last column, checked above for every run): it comes later. At full length the demo's
+# position accuracy (the position panel at the top of this section) stays where it
+# started for about 1500 steps and then climbs, and its probe (the `demo` line of the
+# probe table) reads the cell from the decoder's state. The variants of the first
+# table take the three changes apart:
+
+# %%
+demo_curve = [p["caption_position_accuracy"] for p in runs["demo"]["curve"]]
+for name in ("as_blip", "input_only", "small_table", "lm_weight_1", "demo",
+             "demo_seed_1", "demo_seed_2"):
+    last = runs[name]["curve"][-1]
+    print(f"{name:11s} position {last['caption_position_accuracy']:.3f}, captions "
+          f"{last['caption_attribute_accuracy']:.3f}, recall@1 {last['i2t_recall@1']:.3f} / "
+          f"{last['t2i_recall@1']:.3f}   {runs[name]['what']}")
+print("the demo's position accuracy every 300 steps:", " ".join(f"{p:.2f}" for p in demo_curve))
+seeds = [runs[name]["curve"][-1]["caption_position_accuracy"]
+         for name in ("demo", "demo_seed_1", "demo_seed_2")]
+print(f"three seeds: position {min(seeds):.3f} to {max(seeds):.3f}, mean {np.mean(seeds):.3f}")
+probe = runs["demo"]["position_probe"]
+assert probe["cell_from_decoder_state"] > 0.9
+assert probe["p_top_when_top"] > 5 * probe["p_top_when_bottom"]
+# what the next paragraph says
+final = {name: run["curve"][-1] for name, run in runs.items()}
+blind = ("as_blip", "input_only", "small_table")
+for name in blind:
+    p = runs[name]["position_probe"]
+    assert abs(p["p_top_when_top"] - p["p_top_when_bottom"]) < 0.05, name
+    assert final[name]["caption_position_accuracy"] < final["as_blip"]["caption_position_accuracy"] + 0.1
+assert runs["lm_weight_1"]["position_probe"]["cell_from_decoder_state"] > 0.9
+assert final["lm_weight_1"]["caption_position_accuracy"] < 0.6
+assert max(demo_curve[:5]) < 0.5 and demo_curve[-1] > 0.95
+assert min(seeds) > final["as_blip"]["caption_position_accuracy"] + 0.2
+best_recall = max(final, key=lambda n: final[n]["i2t_recall@1"] + final[n]["t2i_recall@1"])
+print(f"best recall@1: {best_recall}, {final[best_recall]['i2t_recall@1']:.3f} / "
+      f"{final[best_recall]['t2i_recall@1']:.3f}")
+assert best_recall == "small_table"
+assert all(final["demo"][k] > final["as_blip"][k] for k in ("i2t_recall@1", "t2i_recall@1"))
+
+# %% [markdown]
+# Each of the three changes is needed, on this seed. Without the second addition
+# (`input_only`), or with it but the table at its old size (`small_table`), the
+# captioner never finds the place, not even for one object: like `as_blip`, its
+# probability of "top" is the same at the top and at the bottom. With the three losses
+# weighed the same (`lm_weight_1`) it does name the place of a single object (the probe
+# reads the cell from its state) but not, within the run, how two objects stand. The
+# demo's own position accuracy stays where it started for the first 1500 steps and then
+# climbs to all but perfect; with seeds 1 and 2 it climbs later and more slowly, to the
+# figures printed above. That is the weak point of this recipe: the relations are
+# learned late and by a different step for every seed, so a shorter run, or an unlucky
+# seed, ends halfway.
+#
+# For retrieval the changes help less: the demo's recall@1 is above `as_blip`'s both
+# ways, but `small_table`, whose table is added at the output and drawn at the old
+# size, has the best recall@1 of all the variants (printed above) while its captions
+# never place anything. What serves the captioner and what serves retrieval pull the
+# position table's size in opposite directions here, and the demo chose captions.
+#
 # The full-size models share this weak spot. Kamath, Hessel and Chang ("What's 'up'
 # with vision-language models?", EMNLP 2023) tested 18 vision-language models on
 # photographs that differ only in where one object is relative to another (left of,
@@ -831,6 +914,12 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #   with it does not help yet), and the captioner names colours and sizes but not
 #   shapes. On the compositional split retrieval and captions are worse, and no
 #   caption names a held-out pair.
+# * Trained as BLIP trains, the demo's captioner names what each object is but not
+#   where: the ViT's tokens hold the place, the cross-attention's values do not pass it
+#   on. The demo adds the position table again at the ViT's output (a departure from
+#   BLIP), draws it larger and weighs the LM twice; its captioner then names the place
+#   of single objects and, late in the run and at a step that differs by seed, the
+#   relations between two.
 #
 # ## Exercises
 #
@@ -852,8 +941,9 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #    200 steps. Then keep 0.02 and raise the learning rate instead: can a larger step
 #    size replace a larger initialisation, and why (or why not), given the gradient
 #    formula of section 3.3?
-# 5. **Where does position get lost?** Train the demo's recipe (`demo_config()`, fewer
-#    steps will do) and take single-object test scenes. Run the decoder on
+# 5. **Where does position get lost?** Train the demo's recipe as BLIP trains it
+#    (`demo_config(pos_embed_std=None, pos_embed_at_output=False, loss_weights=(1, 1, 1))`,
+#    fewer steps will do) and take single-object test scenes. Run the decoder on
 #    "[DEC] a small red circle at the" with `model.text_decoder.bert.forward(...,
 #    causal=True)` and find the cross-attention weights of the last token in the cache
 #    it returns (a `MultiHeadAttention` cache holds its softmax as `cache["att"][3]`,
@@ -861,7 +951,8 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #    that must name the place attend to the object's patch? Then look at what the
 #    object's patch token passes on: is the cell still readable from the *values* of the
 #    cross-attention (the patch tokens times the value weights), or only from the
-#    tokens themselves?
+#    tokens themselves? Do the same with `demo_config()`, whose ViT adds its position
+#    table again at the output: what changed in the values?
 
 # %% [markdown]
 # ## Graded exercises
