@@ -210,6 +210,9 @@ def opt_tensors(lm: LanguageModel, prefix: str = LM, mprefix: str = LM) -> list[
 def blip2_tensors(model: Blip2Stage2) -> list[HFTensor]:
     """Every tensor of ``Blip2ForConditionalGeneration`` (OPT) and the minblip
     Params it is made of, in state-dict order."""
+    if model.visual_encoder.config.pos_embed_at_output:
+        raise ValueError("blip2_tensors: a ViT with pos_embed_at_output=True (the position table "
+                         "added again at its output) has no Hugging Face BLIP-2 equivalent")
     out = vit_tensors(model.visual_encoder, "vision_model", "visual_encoder",
                       post_layernorm=(model.ln_vision, "ln_vision"))
     out.append(hf_copy("query_tokens", model.qformer.query_tokens, "qformer.query_tokens"))

@@ -103,6 +103,14 @@ def test_the_tensor_map_covers_every_param_once_and_round_trips():
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_a_vit_with_position_at_output_has_no_hf_names():
+    model = hf_blip2.load_blip2(FIXTURES / "blip2_opt_q1", np.float32)
+    vit = model.visual_encoder
+    vit.config = type(vit.config)(**{**vit.config.__dict__, "pos_embed_at_output": True})
+    with pytest.raises(ValueError, match="pos_embed_at_output"):
+        hf_blip2.blip2_state_dict(model)
+
+
 def test_loaded_weights_are_views_of_one_conversion():
     """A Linear weight is the transposed view of the file's layout; a fused qkv's
     three parts are views of one array; nothing is copied twice."""
