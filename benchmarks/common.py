@@ -124,6 +124,14 @@ def write_result(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=1))
 
 
+# The demo's recipe as BLIP would train it: the TrainConfig fields by which the demo's
+# position changes (minblip.demo.DEMO_RECIPE) depart from BLIP, set as BLIP has them:
+# the position table drawn like every weight, added once at the ViT's input, and the
+# three losses weighed the same. The two learning studies start from it.
+AS_BLIP: dict = {"pos_embed_std": None, "pos_embed_at_output": False,
+                 "loss_weights": (1.0, 1.0, 1.0)}
+
+
 def write_study(script: str, argv, started: float, runs: dict, path, **fields) -> None:
     """Write the runs of a learning study (``demo_recipe.py``, ``position_study.py``)
     atomically to the JSON file ``path``, with the command that made them, ``fields``,

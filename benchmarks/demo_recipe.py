@@ -4,8 +4,8 @@
 
 Each variant is the demo's recipe (``minblip.demo.demo_config()``) with one
 ingredient changed or another seed, or TrainConfig's defaults (the demo before
-its recipe). A worker process trains it and, every ``every`` steps, evaluates the test split
-the way the demo does (``minblip.evaluate.evaluate_split``: retrieval with ITM
+its recipe). A worker process trains it and, every ``every`` steps, evaluates
+the test split the way the demo does (``minblip.evaluate.evaluate_split``: retrieval with ITM
 re-ranking, ITM accuracy, beam-search captions scored attribute by attribute),
 recording the CPU seconds spent training so far (one BLAS thread). The curves
 go to ``benchmarks/demo_recipe.json``, which notebook 14 plots (section 7).
@@ -46,8 +46,7 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
              "table at std 1.0 added again at the ViT's output, the LM weighted twice", {}),
     "as_blip": ("the demo's patches and learning rate, the position table and loss weights as "
                 "BLIP's (std 0.05, at the input only; ITC, ITM, LM weighed the same)",
-                {"pos_embed_std": None, "pos_embed_at_output": False,
-                 "loss_weights": (1.0, 1.0, 1.0)}),
+                common.AS_BLIP),
     "input_only": ("the demo with the position table at the ViT's input only",
                    {"pos_embed_at_output": False}),
     "small_table": ("the demo with the position table drawn at std 0.05 (init_std)",

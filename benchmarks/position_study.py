@@ -5,7 +5,7 @@
 Trained as BLIP trains (its ViT adds the position table once, at the input; the
 three losses weigh the same), the demo named colours, sizes and shapes almost
 perfectly and positions at chance. Each variant here trains that recipe
-(``minblip.demo.demo_config()`` with :data:`AS_BLIP`) for ``STEPS`` steps with
+(``minblip.demo.demo_config()`` with ``common.AS_BLIP``) for ``STEPS`` steps with
 one thing changed: which objectives train (all three, or the captioner's LM
 alone), on which scenes (the world's mix, 9% of whose training scenes hold one
 object, or the single-object scenes alone), two changes to the model (a position
@@ -48,15 +48,12 @@ HERE = Path(__file__).resolve().parent
 STEPS = 1500
 CAPTIONS_PER_IMAGE = 6
 
-# The demo's recipe as BLIP would train it: the position table drawn like every weight,
-# added once at the ViT's input, and the three losses weighed the same.
-AS_BLIP: dict = {"pos_embed_std": None, "pos_embed_at_output": False,
-                 "loss_weights": (1.0, 1.0, 1.0)}
-# The demo's three changes for position (minblip.demo.DEMO_RECIPE).
-DEMO_POSITION: dict = {"pos_embed_std": 1.0, "pos_embed_at_output": True,
-                       "loss_weights": (1.0, 1.0, 2.0)}
+# Stands for the demo's own values (minblip.demo.DEMO_RECIPE) of the fields in
+# common.AS_BLIP: its position changes, read in the worker, which may import minblip.
+DEMO_POSITION = "the demo's position changes"
 
-# name -> (what it is, the scenes trained on, TrainConfig fields on top of AS_BLIP)
+# name -> (what it is, the scenes trained on, TrainConfig fields on top of
+# common.AS_BLIP, or DEMO_POSITION)
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "lm_single": ("LM alone, single-object scenes only", "single", {"loss_weights": (0, 0, 1)}),
     "all_single": ("ITC + ITM + LM, single-object scenes only", "single", {}),
@@ -152,8 +149,13 @@ def run_variant(name: str, steps: int = STEPS) -> dict:
     from minblip.demo import demo_config
     from minblip.train import blip_trainer, build_dataset
 
+    from minblip.demo import DEMO_RECIPE
+
     what, scenes_kind, changes = VARIANTS[name]
-    cfg = demo_config(steps=steps, warmup_steps=min(200, steps // 5), **{**AS_BLIP, **changes})
+    if changes == DEMO_POSITION:
+        changes = {field: DEMO_RECIPE[field] for field in common.AS_BLIP}
+    cfg = demo_config(steps=steps, warmup_steps=min(200, steps // 5),
+                      **{**common.AS_BLIP, **changes})
     data = build_dataset(cfg)
     train = data.train
     keep = [i for i, s in enumerate(train.scenes)
