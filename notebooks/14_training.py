@@ -896,6 +896,92 @@ assert all(final["demo"][k] > final["as_blip"][k] for k in ("i2t_recall@1", "t2i
 # people score 99%, and neither up-weighting captions with prepositions nor
 # fine-tuning on such pictures fixed it.
 
+# %% [markdown]
+# ### 7.1 And retrieval?
+#
+# The captioner now names every place, while recall@1 stays near 0.9. What does
+# retrieval still get wrong, and does some other change lift it?
+# `benchmarks/recall_study.py` sorts the demo's image-to-text misses (test images whose
+# best caption, after the ITM re-ranking, belongs to another image) by what that
+# caption says about the image: it may be true of it as well (no model could tell the
+# two apart), name the same objects in another layout, or name other objects. It also
+# trains ten runs of the recipe, each with one change aimed at retrieval: ITC's
+# embedding 64 wide instead of 32 (on three seeds), ITC weighted twice like the LM,
+# 10,000 or 20,000 training images instead of 5,000, a third layer, and BLIP's
+# momentum distillation (momentum encoders whose similarities soften ITC's targets,
+# `MomentumDistillation`), without and with a queue of past features.
+
+# %%
+recall_runs = json.loads(Path("../benchmarks/recall_study.json").read_text())["variants"]
+print(f"{'variant':16s} {'R@1 i2t':>8s} {'R@1 t2i':>8s} {'ITM hard':>8s} {'captions':>8s} "
+      f"{'position':>8s}   i2t misses: also true / same objects / other objects")
+for name, run in recall_runs.items():
+    misses = run["i2t_misses"]
+    print(f"{name:16s} " + " ".join(f"{run[k]:8.3f}" for k in (
+        "i2t_recall@1", "t2i_recall@1", "itm_hard_negative_accuracy",
+        "caption_attribute_accuracy", "caption_position_accuracy"))
+        + f"   {misses['also_true']:3d} / {misses['same_objects_other_layout']:3d} / "
+          f"{misses['other_objects']:3d}")
+
+# every finished run of both studies: mean recall@1 against caption position accuracy
+fig, ax = plt.subplots(figsize=(8, 5.5))
+points = [(name, run["caption_position_accuracy"],
+           (run["i2t_recall@1"] + run["t2i_recall@1"]) / 2, "o") for name, run in recall_runs.items()]
+points += [(name, final[name]["caption_position_accuracy"],
+            (final[name]["i2t_recall@1"] + final[name]["t2i_recall@1"]) / 2, "s")
+           for name in final if name != "demo"]
+for name, x, y, marker in points:
+    ax.scatter(x, y, marker=marker, color="C3" if name == "demo" else "C0")
+    ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+ax.axhline(0.93, ls="--", color="gray")
+ax.axvline(0.70, ls="--", color="gray")
+ax.text(0.71, 0.94, "both targets met", fontsize=8, color="gray")
+ax.set_xlabel("caption position accuracy")
+ax.set_ylabel("recall@1, mean of both ways")
+ax.set_title("3600 steps of the demo's recipe and its variants (circles: recall study; "
+             "squares: recipe study)", fontsize=9)
+ax.grid(alpha=0.3)
+plt.show()
+
+demo_misses = recall_runs["demo"]["i2t_misses"]
+print(f"the demo misses {sum(demo_misses.values())} of 200 images: {demo_misses['also_true']} "
+      f"pick a caption that is also true, {demo_misses['same_objects_other_layout']} the same "
+      f"objects in another layout, {demo_misses['other_objects']} other objects")
+wide = [recall_runs[n] for n in ("embed_64", "embed_64_seed_1", "embed_64_seed_2")]
+recipe_seeds = [final[n] for n in ("demo", "demo_seed_1", "demo_seed_2")]
+mean_recall = lambda rs: np.mean([(r["i2t_recall@1"] + r["t2i_recall@1"]) / 2 for r in rs])
+print(f"three seeds, mean recall@1: {mean_recall(recipe_seeds):.3f} with the demo's embedding, "
+      f"{mean_recall(wide):.3f} with the wider one; position at most "
+      f"{max(r['caption_position_accuracy'] for r in wide):.3f} with the wider one")
+# what the text says
+assert recall_runs["demo"]["i2t_recall@1"] == final["demo"]["i2t_recall@1"]  # the same run
+assert demo_misses["same_objects_other_layout"] > demo_misses["also_true"]
+assert demo_misses["other_objects"] > demo_misses["also_true"]
+assert mean_recall(wide) > mean_recall(recipe_seeds)
+assert sum(mean_recall([w]) > mean_recall([r]) for w, r in zip(wide, recipe_seeds)) == 2
+assert recall_runs["depth_3"]["train_cpu_s"] > recall_runs["demo"]["train_cpu_s"]
+assert max(r["caption_position_accuracy"] for r in wide) < min(
+    r["caption_position_accuracy"] for r in recipe_seeds)
+for name in ("itc_weight_2", "train_10000", "train_20000", "depth_3", "distill"):
+    assert mean_recall([recall_runs[name]]) < mean_recall([recall_runs["demo"]]), name
+assert mean_recall([recall_runs["distill_queue"]]) < 0.8
+assert not any(x >= 0.70 and y >= 0.93 for _, x, y, _ in points)
+
+# %% [markdown]
+# The demo's misses are not mostly unavoidable ones: a few pick a caption that is also
+# true of the image, and the rest split between the right objects in the wrong layout
+# and the wrong objects, so retrieval misses some of what the captioner reads off the
+# same image without fault. The wider ITC embedding lifts recall@1 on average over
+# three seeds (on two of them) and costs the captioner its places on every seed: the
+# same tension as `small_table`'s. The other changes do not lift recall at this budget:
+# weighing ITC twice, more images (each seen fewer times), a third layer (its captions
+# place things well, its steps are slower), or BLIP's soft targets from momentum
+# encoders. With BLIP's queue as well, ITC falls far behind. We have not taken that
+# apart; BLIP's queue holds 57,600 features and is filled at a tenth of this learning
+# rate, while this one holds 8 batches and starts, as BLIP's does, from random unit
+# vectors. No run lands in the picture's upper right corner, where both of the demo's
+# targets hold; the demo's recipe keeps its captions and leaves recall@1 near 0.9.
+
 # %%
 print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 
@@ -925,6 +1011,10 @@ print(f"whole notebook: {time.perf_counter() - notebook_start:.1f} s")
 #   BLIP), draws it larger and weighs the LM twice; its captioner then names the place
 #   of single objects and, late in the run and at a step that differs by seed, the
 #   relations between two.
+# * Retrieval did not follow: recall@1 stays near 0.9. Of the changes tried for it, a
+#   wider ITC embedding lifts it on average and takes the places out of the captions
+#   again; more images, more depth, ITC weighted twice and BLIP's momentum distillation
+#   do not lift it within the same steps.
 #
 # ## Exercises
 #
