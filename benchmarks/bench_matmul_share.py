@@ -25,6 +25,11 @@ figures, for the demo-size ``Trainer.train_step`` on a fixed batch:
   again on fresh C-contiguous arrays, over the median step time: what the
   products would cost with ideal memory layout and warm caches. The gap to
   the share is what strided operands (head splits, transposes) cost.
+* **the largest element-wise layers**: the seconds inside ``GELU`` and
+  ``LayerNorm`` (forward and backward, timed like the products, per step,
+  median), and ``share_if_free``: what the share would be if those two layers
+  took no time at all, products / (step - their time). It bounds what any
+  rewrite of them could bring.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Stats:
         self.reduction_seconds = 0.0  # products with a vector: row sums and means, norms
         self.calls = 0
         self.record = None  # a list while one step's shapes are being recorded
+        self.layer_seconds = {}  # class name -> seconds inside its forward and backward
 
 
 STATS = Stats()
@@ -142,6 +148,28 @@ def install_hook() -> None:
     sys.meta_path.insert(0, _Finder())
 
 
+TIMED_LAYERS = ("GELU", "LayerNorm")
+
+
+def time_layers() -> None:
+    """Wrap the forward and backward of each class in :data:`TIMED_LAYERS` so that
+    their seconds add up in ``STATS.layer_seconds`` (products inside them, if any,
+    still count as products too)."""
+    import minblip.layers
+    for name in TIMED_LAYERS:
+        cls = getattr(minblip.layers, name)
+        for method in ("forward", "backward"):
+            fn = getattr(cls, method)
+
+            def timed(self, *args, _fn=fn, _name=name, **kwargs):
+                start = time.perf_counter()
+                out = _fn(self, *args, **kwargs)
+                STATS.layer_seconds[_name] = (STATS.layer_seconds.get(_name, 0.0)
+                                              + time.perf_counter() - start)
+                return out
+            setattr(cls, method, timed)
+
+
 def wrapper_overhead_s() -> float:
     """Seconds a wrapped 2x2 product costs beyond a direct one."""
     import numpy as np
@@ -228,12 +256,16 @@ def worker(args) -> dict:
     if not isinstance(minblip.layers.__spec__.loader, _Loader):
         raise RuntimeError("minblip was not loaded through the instrumenting hook")
     repeats = args.repeats or 10
+    time_layers()
     step = MinblipStep()
     for _ in range(3):
         step()
     shares, reduction_shares, step_s, mm_s, calls = [], [], [], [], []
+    layer_shares = {name: [] for name in TIMED_LAYERS}
+    free_shares = []
     for _ in range(repeats):
         STATS.seconds, STATS.reduction_seconds, STATS.calls = 0.0, 0.0, 0
+        STATS.layer_seconds = {}
         start = time.perf_counter()
         step()
         elapsed = time.perf_counter() - start
@@ -242,6 +274,9 @@ def worker(args) -> dict:
         step_s.append(elapsed)
         mm_s.append(STATS.seconds)
         calls.append(STATS.calls)
+        for name in TIMED_LAYERS:
+            layer_shares[name].append(STATS.layer_seconds.get(name, 0.0) / elapsed)
+        free_shares.append(STATS.seconds / (elapsed - sum(STATS.layer_seconds.values())))
     STATS.record = []
     step()
     record, STATS.record = STATS.record, None
@@ -262,6 +297,9 @@ def worker(args) -> dict:
            "overhead_share": round(overhead * float(np.median(calls)) / median_step, 4),
            "replay_ms": round(1e3 * replay, 3),
            "replay_share": round(replay / median_step, 4),
+           "layer_shares": {name: round(float(np.median(v)), 4)
+                            for name, v in layer_shares.items()},
+           "share_if_free": round(float(np.median(free_shares)), 4),
            "cprofile": profile_table(step, max(3, repeats // 2), args.top)}
     out["load_average_end"] = common.load_average()
     return out
@@ -286,6 +324,9 @@ def measure(threads=common.THREADS, repeats=None, top: int = 25) -> dict:
               f"{r['overhead_share']:.2%} of the step; replay on contiguous arrays "
               f"{r['replay_ms']:.1f} ms = {r['replay_share']:.1%}; cProfile share "
               f"{cp['matmul_share']:.1%}")
+        layers = ", ".join(f"{name} {v:.1%}" for name, v in r["layer_shares"].items())
+        print(f"   inside {layers} of the step; with those taking no time the share would be "
+              f"{r['share_if_free']:.1%}")
         print(f"   functions with the most own time (cProfile, {cp['total_ms_per_step']:.0f} "
               f"ms/step profiled; {top} kept in the JSON):")
         for row in cp["top_own_time"][:min(top, 15)]:
