@@ -1,7 +1,8 @@
 """The README's performance table is the one benchmarks/results.json gives.
 
 ``benchmarks/run_all.py`` writes both; this keeps a hand edit of the table (or a
-results.json committed without its table) from going unnoticed.
+results.json committed without its table) from going unnoticed. The demo's own
+table, written by hand, is checked against the same file.
 """
 import importlib.util
 import json
@@ -66,3 +67,34 @@ def test_full_size_section_says_what_is_not_measured():
     text = bench.render({})
     assert text.count("Not measured yet") == 3
     assert "--model blip2-opt-2.7b` (alone on the machine" in text
+
+
+def readme_demo_row(measure: str) -> list[str]:
+    """The cells after the first of the row of README's demo table whose first cell
+    starts with ``measure``."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Results of the demo"):]
+    section = section[:section.index("\n## ", 1)]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].startswith(measure):
+            return cells[1:]
+    raise AssertionError(f"README's demo table has no row '{measure}'")
+
+
+def test_readme_demo_figures_match_results_json():
+    """The demo's table is written by hand from a fresh demo's metrics.json; the
+    demo run_all.py timed wrote the same seed's figures into results.json, so the
+    test-split figures must agree (the demo is bit-reproducible)."""
+    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    for measure, key in (("image-to-text recall@1", "demo_i2t_recall@1"),
+                         ("text-to-image recall@1", "demo_t2i_recall@1"),
+                         ("ITM accuracy on hard negatives", "demo_itm_hard_negative_accuracy"),
+                         ("caption attribute accuracy", "demo_caption_attribute_accuracy")):
+        assert readme_demo_row(measure)[0] == f"{results[key]:.3f}", measure
+    position = readme_demo_row("per attribute")[0].split("/")[-1].strip()
+    assert position == f"{results['demo_caption_position_accuracy']:.2f}"
+    words = " ".join((ROOT / "README.md").read_text().split())  # the text, unwrapped
+    minutes, seconds = divmod(round(results["demo_seconds"]), 60)
+    assert f"took {minutes} min {seconds} s of wall time" in words
+    assert f"peaked at {results['demo_peak_memory_mb']:.0f} MB" in words
