@@ -944,7 +944,8 @@ ax.grid(alpha=0.3)
 plt.show()
 
 demo_misses = recall_runs["demo"]["i2t_misses"]
-print(f"the demo misses {sum(demo_misses.values())} of 200 images: {demo_misses['also_true']} "
+print(f"the demo misses {sum(demo_misses.values())} of {recall_runs['demo']['config']['n_test']} "
+      f"images: {demo_misses['also_true']} "
       f"pick a caption that is also true, {demo_misses['same_objects_other_layout']} the same "
       f"objects in another layout, {demo_misses['other_objects']} other objects")
 wide = [recall_runs[n] for n in ("embed_64", "embed_64_seed_1", "embed_64_seed_2")]
