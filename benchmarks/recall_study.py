@@ -103,15 +103,16 @@ def i2t_misses(model, tok, split, image_size: int) -> dict:
 
     _, i2t, _ = retrieval_scores(model, tok, preprocess(split.images, image_size).astype(model.dtype),
                                  split.captions)
+    def objects(scene):  # what the scene holds, wherever it is
+        return sorted((o.colour, o.shape, o.size) for o in scene.objects)
+
     out = {"also_true": 0, "same_objects_other_layout": 0, "other_objects": 0}
     for i, j in enumerate(np.argmax(i2t, axis=1)):
         if j == i:
             continue
-        scene, other = split.scenes[i], split.scenes[j]
-        if world.caption_is_true(scene, split.captions[j]):
+        if world.caption_is_true(split.scenes[i], split.captions[j]):
             out["also_true"] += 1
-        elif (sorted((o.colour, o.shape, o.size) for o in scene.objects)
-              == sorted((o.colour, o.shape, o.size) for o in other.objects)):
+        elif objects(split.scenes[i]) == objects(split.scenes[j]):
             out["same_objects_other_layout"] += 1
         else:
             out["other_objects"] += 1

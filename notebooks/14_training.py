@@ -961,6 +961,7 @@ assert demo_misses["other_objects"] > demo_misses["also_true"]
 assert mean_recall(wide) > mean_recall(recipe_seeds)
 assert sum(mean_recall([w]) > mean_recall([r]) for w, r in zip(wide, recipe_seeds)) == 2
 assert recall_runs["depth_3"]["train_cpu_s"] > recall_runs["demo"]["train_cpu_s"]
+assert recall_runs["depth_3"]["caption_position_accuracy"] >= 0.70  # "place things well"
 assert max(r["caption_position_accuracy"] for r in wide) < min(
     r["caption_position_accuracy"] for r in recipe_seeds)
 for name in ("itc_weight_2", "train_10000", "train_20000", "depth_3", "distill"):
